@@ -1,0 +1,135 @@
+"""The autograd Function that joins a shard implementation with the vocab-parallel collectives.
+
+Forward, in steps: (1) sequence parallel: gather the hidden states; (2) this shard's ``[N, 6]``
+partials from the implementation; (3) vocab parallel: one all-gather of the partials, merged in
+rank order; (4) finalize loss / LSE / entropy / argmax; (5) reduce; (6) save what backward needs.
+Backward recomputes everything else from ``e``, ``c``, ``bias``, ``targets`` and the ``[N]`` LSE.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from vpcce.layout import gradient_layout, make_layout
+from vpcce.modes import BackwardMode
+from vpcce.parallel import collectives
+from vpcce.parallel.options import VocabParallelOptions
+from vpcce.partials import finalize, merge_partials
+
+_BACKEND_MODULES = {"torch": "vpcce.reference", "triton": "vpcce.kernels"}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Everything but the tensors; hashable so it can travel through autograd."""
+
+    impl: str  # "torch" | "triton"
+    mode: BackwardMode
+    shift: int
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    logit_scale: float
+    softcap: float | None
+    vocab_size: int  # global vocabulary size
+    vocab_start: int
+    vp: VocabParallelOptions | None
+    chunk_bytes: int | None
+
+    @property
+    def backend(self):
+        return importlib.import_module(_BACKEND_MODULES[self.impl])
+
+    def extra(self) -> dict:
+        return {} if self.chunk_bytes is None else {"chunk_bytes": self.chunk_bytes}
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.vp is not None and self.vp.sequence_parallel
+
+
+def _distributed(cfg: LossConfig) -> bool:
+    return cfg.vp is not None and collectives.world_size(cfg.vp) > 1
+
+
+def _hidden(e: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """All tokens' hidden states: gathered from the ranks under sequence parallelism."""
+    return collectives.gather_tokens(e, cfg.vp) if cfg.sequence_parallel and _distributed(cfg) else e
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, e, c, bias, targets, cfg: LossConfig):
+        # 1. sequence parallel: this rank's tokens -> all tokens (re-gathered in backward, not kept)
+        e_all = _hidden(e, cfg)
+        layout = make_layout(e_all, targets, cfg.shift)
+        y = layout.flat_targets()
+        valid = y != cfg.ignore_index
+        # 2. partials over this shard of the vocabulary
+        parts = cfg.backend.forward_partials(
+            layout, c, bias, vocab_start=cfg.vocab_start, logit_scale=cfg.logit_scale,
+            softcap=cfg.softcap, **cfg.extra(),
+        )
+        # 3. the one forward collective: merge all shards' partials in rank order
+        if _distributed(cfg):
+            parts = merge_partials(collectives.gather_partials(parts, cfg.vp))
+        # 4. per-token statistics over the global vocabulary
+        lse, nll, entropy, argmax = finalize(parts, cfg.vocab_size, cfg.label_smoothing)
+        nll = torch.where(valid, nll, torch.zeros_like(nll))
+        count = valid.sum()
+        # 5. reduction (an all-ignored batch: 0 / max(0, 1) = 0, never NaN)
+        if cfg.reduction == "mean":
+            loss = nll.sum() / count.clamp(min=1)
+        elif cfg.reduction == "sum":
+            loss = nll.sum()
+        else:
+            loss = nll.view(layout.out_shape)
+        # 6. save
+        ctx.cfg = cfg
+        ctx.save_for_backward(e, c, bias, targets, lse, valid, count)
+        ctx.mark_non_differentiable(entropy, argmax)
+        ctx.set_materialize_grads(False)
+        shape = layout.out_shape
+        return loss, lse.view(shape), entropy.view(shape), argmax.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax):
+        e, c, bias, targets, lse, valid, count = ctx.saved_tensors
+        cfg: LossConfig = ctx.cfg
+        need_e, need_c, need_bias = ctx.needs_input_grad[:3]
+        if grad_loss is None and grad_lse is None:
+            return None, None, None, None, None
+        # per-token weights of the loss and of the LSE output
+        fvalid = valid.to(lse.dtype)
+        if grad_loss is None:
+            g_nll = torch.zeros_like(fvalid)
+        elif cfg.reduction == "mean":
+            g_nll = fvalid * (grad_loss.to(lse.dtype) / count.clamp(min=1))
+        elif cfg.reduction == "sum":
+            g_nll = fvalid * grad_loss.to(lse.dtype)
+        else:
+            g_nll = fvalid * grad_loss.reshape(-1).to(lse.dtype)
+        g_lse = None if grad_lse is None else grad_lse.reshape(-1).to(lse.dtype)
+
+        e_all = _hidden(e, cfg)
+        grad_e_all, grad_layout = gradient_layout(e_all, targets, cfg.shift)
+        grad_c, grad_bias = cfg.backend.backward(
+            make_layout(e_all, targets, cfg.shift), grad_layout.e3, c, bias,
+            lse=lse, g_nll=g_nll, g_lse=g_lse, vocab_start=cfg.vocab_start,
+            target_weight=1.0 - cfg.label_smoothing,
+            uniform_weight=cfg.label_smoothing / cfg.vocab_size,
+            logit_scale=cfg.logit_scale, softcap=cfg.softcap, mode=cfg.mode, **cfg.extra(),
+        )
+        grad_e = grad_e_all
+        if _distributed(cfg) and cfg.vp.reduce_e_grad:
+            grad_e = collectives.reduce_hidden_grad(grad_e_all, cfg.vp)
+        return (
+            grad_e if need_e else None,
+            grad_c if need_c else None,
+            grad_bias if need_bias else None,
+            None,
+            None,
+        )

@@ -1,0 +1,191 @@
+"""Backward: ``dL/dlogits`` recomputed tile by tile, then two gradient GEMMs per vocabulary chunk.
+
+Math: with ``p = exp(z - lse)`` (global LSE), per token weights ``g`` (loss) and ``g_lse``
+(LSE output) and ``q = target_weight [v = y] + uniform_weight`` (label smoothing),
+``dz = (g + g_lse) p - g q``, times ``1 - (z / softcap)^2`` (softcap) and ``logit_scale``.
+
+Data flow, for each chunk of ``chunk`` vocabulary rows (``[N, chunk]`` of ``dz`` is the only
+logits-sized buffer, bounded by ``chunk_bytes``):
+
+1. `_cce_dlogits_kernel` recomputes the chunk's logits, writes ``dz`` in the input dtype, the
+   per-token-block column sums of ``dz`` (bias gradient) and, when filtering, one flag per
+   ``[BLOCK_N, BLOCK_V]`` tile whose every ``|p - q|`` is below ``filter_eps``;
+2. ``dE += dz @ C[chunk]`` (hi/lo 16-bit pair, or fp32 accumulator when asked / for fp32 inputs);
+3. ``dC[chunk] = dz^T @ E``, accumulated in fp32 registers over all tokens and written once.
+
+Chunks run in order and every output tile has one owner: no atomics, bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vpcce.kernels.common import blocks, dot_precision, logits_tile, row_offsets, upcast_tiles
+from vpcce.kernels.matmul import ADD, HI_LO, STORE, grad_matmul
+from vpcce.layout import TokenLayout
+from vpcce.modes import BackwardMode
+
+# Budget of the [N, chunk] dz buffer: with the [N, D] 16-bit residual of dE it keeps the extra
+# memory under 64 MB at N 8192 x D 2304 (issue 3's bar): 16 MiB + 37.7 MB.
+DEFAULT_DZ_BYTES = 16 * 2**20
+
+
+@triton.jit
+def _cce_dlogits_kernel(
+    # pointers
+    e_ptr,  # [B, T', D] hidden states (strided view)
+    c_ptr,  # [V, D] classifier shard (strided)
+    bias_ptr,  # [V] bias shard (unused without HAS_BIAS)
+    y_ptr,  # [B, T'] int targets, global ids (strided view)
+    lse_ptr,  # [N] fp32 global log-sum-exp
+    g_nll_ptr,  # [N] fp32 loss weight per token (0 for ignored tokens)
+    g_lse_ptr,  # [N] fp32 LSE-output weight per token (unused without HAS_GLSE)
+    dz_ptr,  # [N, chunk] out: dL/d(e @ c.T + bias) of this chunk, input dtype
+    skip_ptr,  # [token blocks, chunk tiles] int8 out: 1 = tile below filter_eps (FILTER only)
+    dbias_ptr,  # [token blocks, chunk] fp32 out: column sums of dz (HAS_BIAS only)
+    # shapes
+    N, D, seq_len, chunk_begin, chunk_len, vocab_start,
+    # strides
+    stride_eb, stride_et, stride_ed, stride_cv, stride_cd, stride_bias, stride_yb, stride_yt,
+    stride_dzn, stride_skn, stride_dbn,
+    # scalars
+    logit_scale, softcap, target_weight, uniform_weight, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLSE: tl.constexpr,
+    FILTER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+    j_mask = j < chunk_len
+    v = chunk_begin + j  # local vocabulary row
+    e_rows = row_offsets(n, seq_len, stride_eb, stride_et)
+    y = tl.load(y_ptr + row_offsets(n, seq_len, stride_yb, stride_yt), mask=n_mask, other=-1)
+    y_local = y.to(tl.int64) - vocab_start
+    lse = tl.load(lse_ptr + n, mask=n_mask, other=0.0)
+    g = tl.load(g_nll_ptr + n, mask=n_mask, other=0.0)
+
+    z = logits_tile(
+        e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, j_mask, D,
+        stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
+        HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )
+    valid = n_mask[:, None] & j_mask[None, :]
+    p = tl.exp(tl.where(valid, z - lse[:, None], float("-inf")))  # padding rows/columns: p = 0
+    q = tl.where(v[None, :] == y_local[:, None], target_weight, 0.0) + uniform_weight
+    if HAS_GLSE:
+        g_lse = tl.load(g_lse_ptr + n, mask=n_mask, other=0.0)
+        dz = (g + g_lse)[:, None] * p - g[:, None] * q
+        active = (g != 0) | (g_lse != 0)
+        size = tl.maximum(tl.abs(p - q), p)  # the LSE gradient adds p itself
+    else:
+        dz = g[:, None] * (p - q)
+        active = g != 0
+        size = tl.abs(p - q)
+    if FILTER:
+        size = tl.where(valid & active[:, None], size, 0.0)
+        small = tl.max(tl.max(size, axis=1), axis=0) < filter_eps
+        tl.store(skip_ptr + pid_n * stride_skn + pid_v, small.to(tl.int8))
+    if HAS_SOFTCAP:
+        t = z / softcap
+        dz = dz * (1.0 - t * t)  # d/dx [s tanh(x / s)] = 1 - tanh^2
+    dz = tl.where(valid, dz * logit_scale, 0.0)
+    tl.store(
+        dz_ptr + n.to(tl.int64)[:, None] * stride_dzn + j[None, :],
+        dz.to(dz_ptr.dtype.element_ty), mask=valid,
+    )
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
+
+
+def chunk_len(num_tokens: int, vocab: int, element_size: int, tile: int, dz_bytes: int) -> int:
+    """Vocabulary rows per chunk: a multiple of ``tile`` with ``[N, chunk]`` within ``dz_bytes``."""
+    rows = dz_bytes // max(num_tokens * element_size, 1)
+    return max(tile, min(rows // tile * tile, triton.cdiv(vocab, tile) * tile))
+
+
+def backward(
+    layout: TokenLayout,
+    grad_e3: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    lse: torch.Tensor,
+    g_nll: torch.Tensor,
+    g_lse: torch.Tensor | None,
+    vocab_start: int,
+    target_weight: float,
+    uniform_weight: float,
+    logit_scale: float,
+    softcap: float | None,
+    mode: BackwardMode,
+    chunk_bytes: int | None = None,
+):
+    """Write ``dL/de`` into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)`` of the shard.
+
+    ``chunk_bytes`` bounds the ``[N, chunk]`` dz buffer (default `DEFAULT_DZ_BYTES`).
+    """
+    n, (v, d) = layout.num_tokens, c.shape
+    grad_c = torch.empty((v, d), dtype=c.dtype, device=c.device)
+    grad_bias = None if bias is None else torch.empty_like(bias)
+    if n == 0:
+        grad_c.zero_()
+        return grad_c, None if grad_bias is None else grad_bias.zero_()
+
+    cfg = blocks()
+    upcast, precision = upcast_tiles(c.dtype), dot_precision(c.dtype)
+    chunk = chunk_len(n, v, c.element_size(), cfg.v, chunk_bytes or DEFAULT_DZ_BYTES)
+    token_blocks = triton.cdiv(n, cfg.n)
+    dz = torch.empty((n, chunk), dtype=c.dtype, device=c.device)
+    filtering = mode.filter_eps is not None
+    skip = torch.empty((token_blocks, triton.cdiv(chunk, cfg.v)), dtype=torch.int8, device=c.device) if filtering else None
+    dbias = torch.empty((token_blocks, chunk), dtype=torch.float32, device=c.device) if bias is not None else None
+
+    # dE accumulates over chunks: in place for fp32, else a hi/lo 16-bit pair or an fp32 buffer
+    lo, acc_e = None, None
+    if c.dtype == torch.float32:
+        e_out, e_mode = grad_e3.zero_(), ADD
+    elif mode.accum_e_fp32:
+        acc_e = torch.zeros((1, n, d), dtype=torch.float32, device=c.device)
+        e_out, e_mode = acc_e, ADD
+    else:
+        lo = torch.zeros((n, d), dtype=c.dtype, device=c.device)
+        e_out, e_mode = grad_e3.zero_(), HI_LO
+
+    bias_arg = bias if bias is not None else c
+    gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.stages}
+    for v0 in range(0, v, chunk):
+        cl = min(chunk, v - v0)
+        _cce_dlogits_kernel[(token_blocks, triton.cdiv(cl, cfg.v))](
+            layout.e3, c, bias_arg, layout.y2, lse, g_nll, g_lse if g_lse is not None else lse,
+            dz, skip if filtering else dz, dbias if dbias is not None else lse,
+            n, d, layout.seq_len, v0, cl, vocab_start,
+            layout.e3.stride(0), layout.e3.stride(1), layout.e3.stride(2), c.stride(0),
+            c.stride(1), bias_arg.stride(0), layout.y2.stride(0), layout.y2.stride(1),
+            dz.stride(0), skip.stride(0) if filtering else 0, dbias.stride(0) if dbias is not None else 0,
+            float(logit_scale), float(softcap or 1.0), float(target_weight), float(uniform_weight),
+            float(mode.filter_eps or 0.0),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_GLSE=g_lse is not None,
+            FILTER=filtering, UPCAST=upcast, DOT_PRECISION=precision,
+            BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, num_warps=cfg.warps, num_stages=cfg.stages,
+        )
+        dz_chunk = dz[:, :cl]
+        grad_matmul(
+            dz_chunk, c[v0 : v0 + cl].unsqueeze(0), e_out, mode=e_mode, lo=lo,
+            blocks=(cfg.n, cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
+            skip=skip if filtering and mode.filter_e_grad else None, skip_tile=(cfg.n, cfg.v), **gemm,
+        )
+        grad_matmul(
+            dz_chunk.t(), layout.e3, grad_c[v0 : v0 + cl].unsqueeze(0), mode=STORE,
+            blocks=(cfg.v, cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
+            skip=skip.t() if filtering and mode.filter_c_grad else None, skip_tile=(cfg.v, cfg.n), **gemm,
+        )
+        if dbias is not None:
+            grad_bias[v0 : v0 + cl] = dbias[:, :cl].sum(dim=0)  # fixed-order reduction
+    if acc_e is not None:
+        grad_e3.copy_(acc_e.view(grad_e3.shape))
+    return grad_c, grad_bias

@@ -1,0 +1,112 @@
+"""Shared pieces of the CCE kernels: token addressing, the logits tile, launch settings.
+
+Every kernel addresses token ``n`` of the ``[B, T', D]`` hidden-state view as ``(n // T', n % T')``
+through its strides, so ``shift`` and strided inputs need no copy. Offsets are int64 because
+``N x D`` and ``V x D`` element offsets exceed 2^31 at LLM sizes (e.g. 256000 x 8192).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def upcast_tiles(dtype: torch.dtype) -> bool:
+    """The interpreter computes bf16/fp16 arithmetic wrongly: upcast loaded tiles to fp32 there."""
+    return interpreting() and dtype in (torch.bfloat16, torch.float16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow ``torch.get_float32_matmul_precision`` (tf32 unless "highest")."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch settings of one kernel family."""
+
+    n: int  # tokens per tile
+    v: int  # vocabulary entries per tile
+    d: int  # hidden-dimension step of the logits dot product
+    gemm_n: int  # output columns (hidden dimension) per gradient-GEMM program
+    gemm_k: int  # reduction step of the gradient GEMMs (divides n and v: filter tiles)
+    warps: int
+    stages: int
+
+
+# Initial H100 choice (128 x 128 fp32 accumulator, 64-wide K steps: wgmma-sized, 3-stage pipeline
+# fits shared memory at bf16); tuning belongs to the performance issue. The interpreter's cost
+# grows with programs x loop steps, so it gets big-enough blocks for test shapes and one config.
+GPU_BLOCKS = Blocks(n=128, v=128, d=64, gemm_n=128, gemm_k=64, warps=8, stages=3)
+INTERPRETER_BLOCKS = Blocks(n=32, v=64, d=64, gemm_n=64, gemm_k=64, warps=4, stages=1)
+
+
+def blocks() -> Blocks:
+    return INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS
+
+
+@triton.jit
+def row_offsets(rows, seq_len, stride_b, stride_t):
+    """int64 element offsets of flat token ids ``rows`` in a ``[B, T', ...]`` strided view."""
+    rows = rows.to(tl.int64)
+    return (rows // seq_len) * stride_b + (rows % seq_len) * stride_t
+
+
+@triton.jit
+def tanh(x):
+    # sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): finite for every x (tl has no tanh on all targets)
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def logits_tile(
+    e_ptr, c_ptr, bias_ptr,
+    e_rows, n_mask, v, v_mask, D,
+    stride_ed, stride_cv, stride_cd, stride_bias,
+    logit_scale, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """fp32 ``softcap(logit_scale * (e @ c.T + bias))`` for one ``[BLOCK_N, BLOCK_V]`` tile.
+
+    Out-of-range rows/columns are computed from zero-filled operands; callers mask them.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    d_offs = tl.arange(0, BLOCK_D)
+    c_rows = v.to(tl.int64) * stride_cv
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + d_offs
+        d_mask = d < D
+        e_tile = tl.load(
+            e_ptr + e_rows[:, None] + d[None, :] * stride_ed,
+            mask=n_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        c_tile = tl.load(  # [BLOCK_D, BLOCK_V]: c^T, read through strides (no copy of c)
+            c_ptr + c_rows[None, :] + d[:, None] * stride_cd,
+            mask=v_mask[None, :] & d_mask[:, None], other=0.0,
+        )
+        if UPCAST:
+            e_tile = e_tile.to(tl.float32)
+            c_tile = c_tile.to(tl.float32)
+        acc = tl.dot(e_tile, c_tile, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + v.to(tl.int64) * stride_bias, mask=v_mask, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    acc = acc * logit_scale
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return acc

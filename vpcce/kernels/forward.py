@@ -1,0 +1,149 @@
+"""Fused forward: per-token mergeable partials of one vocabulary shard, no logits in memory.
+
+Math (see `vpcce.partials`): for each token ``n`` and each logits tile ``z[n, v0:v0+BLOCK_V]``
+computed in registers (``e @ c.T`` with an fp32 accumulator, then bias, scale, softcap), update
+online ``m = max z``, ``s = sum exp(z - m)``, ``x = sum exp(z - m) (z - m)``, ``sum z``, the
+target logit and the argmax, rescaling the running sums when ``m`` grows.
+
+Data flow: grid ``(token blocks, vocab splits)``. Split ``k`` walks its contiguous range of vocab
+tiles and writes one ``[BLOCK_N, 6]`` partial into ``parts[k]``; `forward_partials` merges the
+``[S, N, 6]`` buffer in split order with `vpcce.partials.merge_partials`. No atomics: every
+output is written by exactly one program, so results are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vpcce.kernels.common import blocks, dot_precision, logits_tile, row_offsets, upcast_tiles
+from vpcce.layout import TokenLayout
+from vpcce.partials import NUM_STATS, merge_partials
+
+# Programs per SM the split count aims for, so short-N batches still fill the GPU.
+_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _cce_fwd_kernel(
+    # pointers
+    e_ptr,  # [B, T', D] hidden states (strided view)
+    c_ptr,  # [V, D] classifier shard (strided)
+    bias_ptr,  # [V] bias shard (unused without HAS_BIAS)
+    y_ptr,  # [B, T'] int targets, global ids (strided view)
+    part_ptr,  # [S, N, 6] fp32, out: partials per split
+    part_int_ptr,  # the same memory as int32, out: the ARGMAX column's bits
+    # shapes
+    N, V, D, seq_len, vocab_start, tiles_per_split,
+    # strides
+    stride_eb, stride_et, stride_ed, stride_cv, stride_cd, stride_bias, stride_yb, stride_yt,
+    stride_ps,
+    # scalars
+    logit_scale, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    e_rows = row_offsets(n, seq_len, stride_eb, stride_et)
+    y = tl.load(y_ptr + row_offsets(n, seq_len, stride_yb, stride_yt), mask=n_mask, other=-1)
+    y_local = y.to(tl.int64) - vocab_start  # outside [0, V) when another shard owns the target
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    x = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    arg = tl.zeros((BLOCK_N,), dtype=tl.int32)
+
+    num_tiles = tl.cdiv(V, BLOCK_V)
+    t_begin = pid_s * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
+    for t in range(t_begin, t_end):
+        v = t * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_mask = v < V
+        z = logits_tile(
+            e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, v_mask, D,
+            stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        z = tl.where(v_mask[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
+        tile_arg = tl.argmax(z, axis=1).to(tl.int32) + t * BLOCK_V
+        arg = tl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
+        m_new = tl.maximum(m, tile_max)
+        # rescale the running sums to the new max; an empty running state (s = 0) stays 0
+        delta = m - m_new
+        alpha = tl.exp(delta)
+        x = tl.where(s > 0, alpha * (x + delta * s), 0.0)
+        s = s * alpha
+        zs = tl.where(v_mask[None, :], z - m_new[:, None], 0.0)
+        p = tl.where(v_mask[None, :], tl.exp(zs), 0.0)
+        s += tl.sum(p, axis=1)
+        x += tl.sum(p * zs, axis=1)
+        sum_z += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        z_target += tl.sum(tl.where(v[None, :] == y_local[:, None], z, 0.0), axis=1)
+        m = m_new
+
+    out = part_ptr + pid_s * stride_ps + n.to(tl.int64) * 6
+    tl.store(out + 0, m, mask=n_mask)
+    tl.store(out + 1, s, mask=n_mask)
+    tl.store(out + 2, x, mask=n_mask)
+    tl.store(out + 3, sum_z, mask=n_mask)
+    tl.store(out + 4, z_target, mask=n_mask)
+    out_int = part_int_ptr + pid_s * stride_ps + n.to(tl.int64) * 6
+    tl.store(out_int + 5, arg + vocab_start, mask=n_mask)
+
+
+def _num_splits(num_token_blocks: int, num_vocab_tiles: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(_PROGRAMS_PER_SM * sms, num_token_blocks)
+    return max(1, min(want, num_vocab_tiles))
+
+
+def forward_partials(
+    layout: TokenLayout,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    vocab_start: int,
+    logit_scale: float,
+    softcap: float | None,
+    num_splits: int | None = None,
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """[N, 6] fp32 partials of the shard ``c`` (global ids ``vocab_start + i``), see `vpcce.partials`.
+
+    ``num_splits`` (default: enough programs to fill the GPU) only changes the work split, not the
+    result beyond fp32 rounding of the merge. ``chunk_bytes`` is accepted for parity with the
+    reference: the fused forward holds no chunk.
+    """
+    del chunk_bytes
+    e3, y2 = layout.e3, layout.y2
+    n, (v, d) = layout.num_tokens, c.shape
+    cfg = blocks()
+    token_blocks = triton.cdiv(max(n, 1), cfg.n)
+    vocab_tiles = triton.cdiv(v, cfg.v)
+    splits = num_splits or _num_splits(token_blocks, vocab_tiles, c.device)
+    splits = max(1, min(splits, vocab_tiles))
+    parts = torch.empty(splits, n, NUM_STATS, dtype=torch.float32, device=c.device)
+    if n == 0:
+        return parts[0]
+    bias_arg = bias if bias is not None else c
+    _cce_fwd_kernel[(token_blocks, splits)](
+        e3, c, bias_arg, y2, parts, parts.view(torch.int32),
+        n, v, d, layout.seq_len, vocab_start, triton.cdiv(vocab_tiles, splits),
+        e3.stride(0), e3.stride(1), e3.stride(2), c.stride(0), c.stride(1),
+        bias_arg.stride(0), y2.stride(0), y2.stride(1), parts.stride(0),
+        float(logit_scale), float(softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        UPCAST=upcast_tiles(c.dtype), DOT_PRECISION=dot_precision(c.dtype),
+        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return parts[0] if splits == 1 else merge_partials(parts)

@@ -1,0 +1,109 @@
+"""The collectives of vocab-parallel cross-entropy; plain tensors in, plain tensors out.
+
+Forward: one all-gather of the per-token partials (``[N, 6]`` fp32 per rank), merged by the caller
+in rank order so every rank computes bitwise the same loss. Sequence parallel adds the all-gather
+of the hidden states that Megatron also does. Backward: an all-reduce (or reduce-scatter, under
+sequence parallelism) of the hidden-state gradient. The classifier gradient needs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from vpcce.parallel.options import VocabParallelOptions, group_rank_and_size
+
+# torch >= 2.13 renames the tensor-in/tensor-out collectives; older releases only have the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+_VERIFIED: dict[tuple, int] = {}  # layout key -> global vocabulary size
+_LAYOUT_FIELDS = 5  # start, stop, tokens, option fingerprint, world size
+
+
+class LayoutError(ValueError):
+    """The ranks of a vocab-parallel group disagree on shards, token count or options."""
+
+
+def world_size(opts: VocabParallelOptions) -> int:
+    return group_rank_and_size(opts.group)[1]
+
+
+def verify_layout(opts: VocabParallelOptions, num_tokens: int, fingerprint: int, device) -> int:
+    """Check shards and token counts across the group once per layout; return the global vocab.
+
+    One all-gather of five integers per rank, the first time this (group, shard, N, options) is
+    seen on this rank. Every rank receives every description, so every rank raises the same
+    `LayoutError` instead of one rank hanging in a mismatched collective.
+    """
+    rank, world = group_rank_and_size(opts.group)
+    key = (id(opts.group), opts.start, opts.stop, num_tokens, fingerprint, world)
+    mine = torch.tensor([opts.start, opts.stop, num_tokens, fingerprint, world], dtype=torch.int64)
+    if world == 1:
+        rows = mine[None]
+    elif key in _VERIFIED:
+        return _VERIFIED[key]
+    else:
+        rows = torch.empty(world, _LAYOUT_FIELDS, dtype=torch.int64, device=device)
+        _all_gather(rows, mine.to(device), group=opts.group)
+        rows = rows.cpu()
+    vocab = _check_rows(rows.tolist(), rank)
+    _VERIFIED[key] = vocab
+    return vocab
+
+
+def _check_rows(rows: list[list[int]], rank: int) -> int:
+    tokens = {r[2] for r in rows}
+    if len(tokens) > 1:
+        per_rank = {i: r[2] for i, r in enumerate(rows)}
+        raise LayoutError(f"ranks disagree on the number of tokens N: {per_rank} (seen on rank {rank})")
+    if len({r[3] for r in rows}) > 1:
+        raise LayoutError(
+            "ranks disagree on the loss options (reduction, shift, ignore_index, label_smoothing, "
+            f"softcap, logit_scale, sequence_parallel, reduce_e_grad, vocab size) (seen on rank {rank})"
+        )
+    shards = sorted((r[0], r[1], i) for i, r in enumerate(rows))
+    expected = 0
+    for start, stop, owner in shards:
+        if start != expected:
+            kind = "gap" if start > expected else "overlap"
+            raise LayoutError(
+                f"vocab shards are not contiguous: {kind} at id {min(start, expected)} before rank "
+                f"{owner}'s [{start}, {stop}); all shards: "
+                f"{[(r[0], r[1]) for r in rows]} (seen on rank {rank})"
+            )
+        expected = stop
+    return expected
+
+
+def gather_partials(parts: torch.Tensor, opts: VocabParallelOptions) -> torch.Tensor:
+    """``[N, K]`` per rank -> ``[W, N, K]`` in rank order (the forward's one collective)."""
+    world = world_size(opts)
+    out = torch.empty((world, *parts.shape), dtype=parts.dtype, device=parts.device)
+    _all_gather(out, parts.contiguous(), group=opts.group)
+    return out
+
+
+def gather_tokens(local: torch.Tensor, opts: VocabParallelOptions) -> torch.Tensor:
+    """Sequence parallel: ``[n, ...]`` per rank -> ``[W * n, ...]`` concatenated in rank order."""
+    world = world_size(opts)
+    out = torch.empty((world * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    _all_gather(out, local.contiguous(), group=opts.group)
+    return out
+
+
+def reduce_hidden_grad(grad: torch.Tensor, opts: VocabParallelOptions) -> torch.Tensor:
+    """Sum the hidden-state gradient over the group, in ``opts.reduce_dtype``.
+
+    Returns the full gradient (all-reduce) or, under sequence parallelism, this rank's ``[n, ...]``
+    slice of it (reduce-scatter along dim 0).
+    """
+    world = world_size(opts)
+    buf = grad.to(opts.reduce_dtype).contiguous()
+    if opts.sequence_parallel:
+        out = torch.empty((buf.shape[0] // world, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+        _reduce_scatter(out, buf, group=opts.group)
+    else:
+        dist.all_reduce(buf, group=opts.group)
+        out = buf
+    return out.to(grad.dtype)
