@@ -53,5 +53,5 @@ def test_failing_rank_is_reraised_with_its_traceback():
 def test_hanging_rank_times_out():
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"ranks \[0\] of 2 did not finish"):
-        run_ranks(_sleeping_rank, 2, timeout=15)
-    assert time.monotonic() - t0 < 30
+        run_ranks(_sleeping_rank, 2, timeout=6)
+    assert time.monotonic() - t0 < 20

@@ -25,11 +25,14 @@ def upcast_tiles(dtype: torch.dtype) -> bool:
     return interpreting() and dtype in (torch.bfloat16, torch.float16)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow ``torch.get_float32_matmul_precision`` (tf32 unless "highest")."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 inputs follow ``torch.get_float32_matmul_precision`` (tf32 unless "highest").
+
+    16-bit inputs take tl.dot's default (None): the option only concerns fp32 operands.
+    """
+    if dtype != torch.float32:
+        return None
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,9 @@ def _cce_fwd_kernel(
         arg = tl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
         m_new = tl.maximum(m, tile_max)
         # rescale the running sums to the new max; an empty running state (s = 0) stays 0
-        delta = m - m_new
-        alpha = tl.exp(delta)
-        x = tl.where(s > 0, alpha * (x + delta * s), 0.0)
+        delta = tl.where(s > 0, m - m_new, 0.0)  # m = -inf while s = 0: avoid -inf * 0
+        alpha = tl.exp(m - m_new)
+        x = alpha * (x + delta * s)
         s = s * alpha
         zs = tl.where(v_mask[None, :], z - m_new[:, None], 0.0)
         p = tl.where(v_mask[None, :], tl.exp(zs), 0.0)
