@@ -56,14 +56,17 @@ class RankError(RuntimeError):
 
 
 def _child(rank, world_size, init_method, backend, timeout, conn, fn, args, kwargs):
-    """Body of one spawned rank: set up, run ``fn``, send ``("ok", result)`` or ``("error", ...)``."""
+    """One spawned rank: set up, run ``fn``, send ``("ok", result)`` or ``("error", ...)``."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         dist.init_process_group(
-            backend, init_method=init_method, rank=rank, world_size=world_size,
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
         try:
@@ -102,7 +105,9 @@ def _stop(procs, dump: bool) -> None:
         p.join(timeout=10)
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120, backend: str = "gloo", **kwargs) -> list:
+def run_ranks(
+    fn, world_size: int, *args, timeout: float = 120, backend: str = "gloo", **kwargs
+) -> list:
     """``[fn(r, world_size, *args, **kwargs) for r in range(world_size)]``, each on its own rank."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -141,8 +146,12 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120, backend: str = "
                         message = _decode(conn.recv_bytes())
                     except EOFError:
                         procs[rank].join(timeout=10)
-                        message = ("error", f"rank {rank} exited with code {procs[rank].exitcode} "
-                                   "without sending a result", None)
+                        message = (
+                            "error",
+                            f"rank {rank} exited with code {procs[rank].exitcode} "
+                            "without sending a result",
+                            None,
+                        )
                     outcomes[rank] = (*message, time.monotonic())
                     if message[0] == "error" and first_error is None:
                         first_error = rank
@@ -163,7 +172,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120, backend: str = "
             exc = None
         raise RankError(
             f"rank {first_error} of {world_size} failed{note}. Its traceback:\n{tb}",
-            first_error, tb, exc,
+            first_error,
+            tb,
+            exc,
         ) from exc
     if unfinished:
         raise TimeoutError(

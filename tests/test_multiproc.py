@@ -11,7 +11,12 @@ from multiproc import RankError, run_ranks
 def _all_reduce_rank(rank, world_size, base):
     x = torch.tensor([base + rank], dtype=torch.float64)
     dist.all_reduce(x)
-    return {"rank": rank, "world": dist.get_world_size(), "sum": x, "threads": torch.get_num_threads()}
+    return {
+        "rank": rank,
+        "world": dist.get_world_size(),
+        "sum": x,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _raising_rank(rank, world_size):

@@ -46,6 +46,7 @@ class Blocks:
     gemm_k: int  # reduction step of the gradient GEMMs (divides n and v: filter tiles)
     warps: int
     stages: int
+    split_acc: bool = False  # add each K step's dot to the accumulator with an fp32 FADD
 
 
 # Initial H100 choice (128 x 128 fp32 accumulator, 64-wide K steps: wgmma-sized, 3-stage pipeline
@@ -82,7 +83,7 @@ def logits_tile(
     logit_scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr,
 ):
     """fp32 ``softcap(logit_scale * (e @ c.T + bias))`` for one ``[BLOCK_N, BLOCK_V]`` tile.
 
@@ -105,7 +106,10 @@ def logits_tile(
         if UPCAST:
             e_tile = e_tile.to(tl.float32)
             c_tile = c_tile.to(tl.float32)
-        acc = tl.dot(e_tile, c_tile, acc, input_precision=DOT_PRECISION)
+        if SPLIT_ACC:
+            acc += tl.dot(e_tile, c_tile, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(e_tile, c_tile, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b = tl.load(bias_ptr + v.to(tl.int64) * stride_bias, mask=v_mask, other=0.0)
         acc += b.to(tl.float32)[None, :]

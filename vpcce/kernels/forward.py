@@ -43,7 +43,7 @@ def _cce_fwd_kernel(
     logit_scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -69,7 +69,7 @@ def _cce_fwd_kernel(
         z = logits_tile(
             e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, v_mask, D,
             stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
-            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC,
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
@@ -144,6 +144,6 @@ def forward_partials(
         float(logit_scale), float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=upcast_tiles(c.dtype), DOT_PRECISION=dot_precision(c.dtype),
-        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return parts[0] if splits == 1 else merge_partials(parts)

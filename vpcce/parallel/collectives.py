@@ -44,9 +44,10 @@ def verify_layout(opts: VocabParallelOptions, num_tokens: int, fingerprint: int,
     elif key in _VERIFIED:
         return _VERIFIED[key]
     else:
-        rows = torch.empty(world, _LAYOUT_FIELDS, dtype=torch.int64, device=device)
+        # concatenated [W * 5], not stacked [W, 5]: gloo accepts only the concatenated output
+        rows = torch.empty(world * _LAYOUT_FIELDS, dtype=torch.int64, device=device)
         _all_gather(rows, mine.to(device), group=opts.group)
-        rows = rows.cpu()
+        rows = rows.view(world, _LAYOUT_FIELDS).cpu()
     vocab = _check_rows(rows.tolist(), rank)
     _VERIFIED[key] = vocab
     return vocab
@@ -79,9 +80,11 @@ def _check_rows(rows: list[list[int]], rank: int) -> int:
 def gather_partials(parts: torch.Tensor, opts: VocabParallelOptions) -> torch.Tensor:
     """``[N, K]`` per rank -> ``[W, N, K]`` in rank order (the forward's one collective)."""
     world = world_size(opts)
-    out = torch.empty((world, *parts.shape), dtype=parts.dtype, device=parts.device)
+    # gathered as [W * N, K] and viewed as [W, N, K]: gloo rejects a stacked [W, N, K] output
+    # ("ProcessGroupGloo::allgather: invalid tensor size"); NCCL takes either.
+    out = parts.new_empty((world * parts.shape[0], *parts.shape[1:]))
     _all_gather(out, parts.contiguous(), group=opts.group)
-    return out
+    return out.view(world, *parts.shape)
 
 
 def gather_tokens(local: torch.Tensor, opts: VocabParallelOptions) -> torch.Tensor:

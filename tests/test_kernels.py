@@ -1,0 +1,511 @@
+"""The Triton kernels (``impl="triton"``, run by Triton's CPU interpreter here) against the
+PyTorch reference and an fp64 truth: issue 3's CPU acceptance.
+
+Shapes are small because the interpreter's cost grows with programs x loop steps, and D and V
+are no multiples of the interpreter's blocks (`INTERPRETER_BLOCKS`: n=32, v=64, d=64), so every
+kernel sees partial token, vocabulary and hidden-dimension tiles.
+
+Tolerance table: fp32 inputs are held to fp32 accumulation (`FP32_TOL`, against both the
+reference and the fp64 truth). bf16 inputs: the loss and LSE stay near fp32 accuracy (logits are
+computed in fp32 from exactly upcast inputs); the gradients round ``dz`` to bf16 like the
+materialized baseline, so each is held to the fp64 truth relative to the reference's and the
+baseline's errors (`BF16_GRAD`).
+"""
+
+from __future__ import annotations
+
+import random
+from itertools import combinations
+
+import pytest
+import torch
+import triton
+from truth import bf16_baseline, objective, paired, rel_err, truth
+
+import vpcce.kernels
+import vpcce.reference
+from vpcce import linear_cross_entropy
+from vpcce.kernels.backward import chunk_len
+from vpcce.kernels.common import blocks
+from vpcce.layout import make_layout
+from vpcce.modes import BackwardMode
+from vpcce.partials import (
+    ARGMAX,
+    MAX,
+    SUMEXP,
+    SUMZ,
+    XLOGX,
+    ZTARGET,
+    argmax_column,
+    finalize,
+    merge_partials,
+)
+
+D, V = 264, 301  # D = 4 * 64 + 8 and V = 4 * 64 + 45: partial d steps and vocab tiles
+D_SMALL, V_SMALL = 80, 150  # cheaper: 2 d steps, 3 vocab tiles
+IGNORE = -100
+Z_LOSS = 1e-3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# rel_err, fp32 inputs: Triton vs the reference and vs the fp64 truth (fp32 accumulation both)
+FP32_TOL = {"loss": 2e-6, "grad": 1e-5}
+# bf16 inputs, loss and LSE: vs the fp64 truth (as the reference's own bar) and vs the reference
+# (both compute fp32 logits from the same exactly upcast values)
+BF16_LOSS = {"truth": 1e-5, "reference": 2e-6}
+# bf16 gradients vs the fp64 truth: err <= max(REF_FACTOR * reference err, ABS) and
+# err <= baseline err * BASE_FACTOR + BASE_SLACK (dz rounded to bf16 as the baseline does)
+BF16_GRAD = {"REF_FACTOR": 2.0, "ABS": 1.5e-2, "BASE_FACTOR": 1.5, "BASE_SLACK": 1e-3}
+
+
+def make_inputs(lead=(2,), t=20, d=D, v=V, *, dtype=torch.float32, bias=False, ignored=0.0, seed=0):
+    """Logits of standard deviation ~2; ``ignored``: the fraction of targets set to `IGNORE`."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(*lead, t, d, generator=g).to(dtype)
+    c = (torch.randn(v, d, generator=g) * (2 / d**0.5)).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype) if bias else None
+    y = torch.randint(0, v, (*lead, t), generator=g)
+    n_ign = round(ignored * y.numel())
+    y.view(-1)[torch.randperm(y.numel(), generator=g)[:n_ign]] = IGNORE
+    return e, c, b, y
+
+
+def run(impl, e, c, y, b=None, *, z_loss=0.0, grad_weight=None, **opts):
+    """``(loss, lse, dE, dC, dbias)`` of `truth.objective` (loss [+ z-loss on the LSE])."""
+    leaves = [x.detach().clone().requires_grad_() for x in (e, c) + ((b,) if b is not None else ())]
+    loss, lse = linear_cross_entropy(leaves[0], leaves[1], y, *leaves[2:], impl=impl, return_lse=True, **opts)
+    _, yp = paired(e, y, opts.get("shift", 0))
+    obj = objective(loss, lse, yp != IGNORE, reduction=opts.get("reduction", "mean"), z_loss=z_loss,
+                    grad_weight=grad_weight)
+    grads = torch.autograd.grad(obj, leaves)
+    return loss.detach(), lse.detach(), grads[0], grads[1], grads[2] if b is not None else None
+
+
+def assert_bitwise(got, want, names=("loss", "lse", "de", "dc", "dbias")):
+    for name, x, ref in zip(names, got, want):
+        assert (x is None) == (ref is None), name
+        if x is not None:
+            assert torch.equal(x, ref), (name, rel_err(x, ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. public API: option matrix, impl="triton" vs impl="torch" and the fp64 truth
+# ---------------------------------------------------------------------------------------------
+
+AXES = {
+    "dtype": ("fp32", "bf16"),
+    "reduction": ("mean", "sum", "none"),
+    "shift": (0, 1, 3),
+    "ignored": (0.0, 0.3, 1.0),
+    "bias": (False, True),
+    "softcap": (None, 5.0),
+    "lse": (False, True),  # return_lse, differentiated through a z-loss
+    "label_smoothing": (0.0, 0.1),
+    "logit_scale": (1.0, 0.5),
+    "lead": ((2,), (2, 3)),  # e is (2, 20, D): 40 tokens, or (2, 3, 9, D): 54 tokens
+}
+T_OF_LEAD = {(2,): 20, (2, 3): 9}
+
+
+def _pairs(row: dict) -> set:
+    return {(a, row[a], b, row[b]) for a, b in combinations(AXES, 2)}
+
+
+def _all_pairs() -> set:
+    return {(a, va, b, vb) for a, b in combinations(AXES, 2) for va in AXES[a] for vb in AXES[b]}
+
+
+def _matrix() -> list[dict]:
+    """Greedy pairwise covering, deterministic: each row is the best of 64 seeded random rows
+    (the most still-uncovered pairs), seeded with the first uncovered pair."""
+    rng = random.Random(0)
+    uncovered, rows = _all_pairs(), []
+    while uncovered:
+        a, va, b, vb = min(uncovered, key=repr)
+        cands = [dict({k: rng.choice(vals) for k, vals in AXES.items()}, **{a: va, b: vb}) for _ in range(64)]
+        best = max(cands, key=lambda r: len(_pairs(r) & uncovered))
+        uncovered.difference_update(_pairs(best))
+        rows.append(best)
+    return rows
+
+
+def _case_id(r: dict) -> str:
+    parts = [r["dtype"], r["reduction"], f"shift{r['shift']}", f"ign{r['ignored']}"]
+    parts += ["bias"] * r["bias"] + [f"cap{r['softcap']}"] * (r["softcap"] is not None)
+    parts += ["zloss"] * r["lse"] + [f"ls{r['label_smoothing']}"] * bool(r["label_smoothing"])
+    parts += [f"scale{r['logit_scale']}"] * (r["logit_scale"] != 1.0)
+    parts += ["x".join(map(str, (*r["lead"], T_OF_LEAD[r["lead"]])))]
+    return "-".join(parts)
+
+
+MATRIX = _matrix()
+
+
+def test_matrix_covers_every_pair():
+    assert set().union(*(_pairs(r) for r in MATRIX)) == _all_pairs()
+    assert len(MATRIX) <= 20  # interpreter time: a covering subset, not the product
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=[_case_id(r) for r in MATRIX])
+def test_matrix(case):
+    dtype = DTYPES[case["dtype"]]
+    lead, t = case["lead"], T_OF_LEAD[case["lead"]]
+    e, c, b, y = make_inputs(lead, t, dtype=dtype, bias=case["bias"], ignored=case["ignored"],
+                             seed=MATRIX.index(case))
+    opts = dict(reduction=case["reduction"], shift=case["shift"], softcap=case["softcap"],
+                label_smoothing=case["label_smoothing"], logit_scale=case["logit_scale"])
+    z_loss = Z_LOSS if case["lse"] else 0.0
+    out_shape = (*lead, t - case["shift"])
+    w = torch.rand(out_shape, generator=torch.Generator().manual_seed(1)) if case["reduction"] == "none" else None
+    got = run("triton", e, c, y, b, z_loss=z_loss, grad_weight=w, **opts)
+    ref = run("torch", e, c, y, b, z_loss=z_loss, grad_weight=w, **opts)
+    tru = truth(e, c, y, b, z_loss=z_loss, grad_weight=w, **opts)
+
+    # the contract's dtypes and shapes, as the reference's
+    for name, x, r in zip(("loss", "lse", "de", "dc", "dbias"), got, ref):
+        assert (x is None) == (r is None), name
+        assert x is None or (x.dtype == r.dtype and x.shape == r.shape), (name, x.dtype, x.shape)
+
+    names = ("loss", "lse", "de", "dc", "dbias")
+    if dtype == torch.float32:
+        for name, x, r, tr in zip(names, got, ref, tru):
+            if x is None:
+                continue
+            tol = FP32_TOL["loss" if name in ("loss", "lse") else "grad"]
+            assert rel_err(x, r) <= tol, (name, "vs reference", rel_err(x, r))
+            assert rel_err(x, tr) <= tol, (name, "vs truth", rel_err(x, tr))
+        return
+    base = bf16_baseline(e, c, y, b, z_loss=z_loss, grad_weight=w, **opts)
+    for name, x, r, tr, bs in zip(names, got, ref, tru, base):
+        if x is None:
+            continue
+        err = rel_err(x, tr)
+        if name in ("loss", "lse"):
+            assert err <= BF16_LOSS["truth"], (name, err)
+            assert rel_err(x, r) <= BF16_LOSS["reference"], (name, rel_err(x, r))
+            continue
+        ref_err, base_err = rel_err(r, tr), rel_err(bs, tr)
+        assert err <= max(BF16_GRAD["REF_FACTOR"] * ref_err, BF16_GRAD["ABS"]), (name, err, ref_err)
+        assert err <= base_err * BF16_GRAD["BASE_FACTOR"] + BF16_GRAD["BASE_SLACK"], (name, err, base_err)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. out-of-shard targets: the kernels' shard interface against the reference's
+# ---------------------------------------------------------------------------------------------
+
+SHARDS = ((0, 70), (70, 221), (221, V))  # uneven; no boundary on a vocab tile boundary
+SHARD_OPTS = dict(logit_scale=0.5, softcap=5.0)
+
+
+def _shard_inputs(dtype):
+    e, c, b, y = make_inputs(dtype=dtype, bias=True, seed=21)
+    y[0, :3] = IGNORE
+    y[1, :4] = torch.tensor([70, 220, 69, 221])  # the middle shard's edges and their neighbours
+    return e, c, b, y
+
+
+def _shard_backward(impl, layout, c, b, start, lse, g_nll, g_lse):
+    grad_e3 = torch.full_like(layout.e3, float("nan"))  # backward must write every element
+    grad_c, grad_b = impl.backward(
+        layout, grad_e3, c, b, lse=lse, g_nll=g_nll, g_lse=g_lse, vocab_start=start,
+        target_weight=0.9, uniform_weight=0.1 / V, mode=BackwardMode(), **SHARD_OPTS,
+    )
+    return grad_e3, grad_c, grad_b
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_out_of_shard_targets(dtype):
+    dtype = DTYPES[dtype]
+    e, c, b, y = _shard_inputs(dtype)
+    layout = make_layout(e, y, 1)
+    n = layout.num_tokens
+    g = torch.Generator().manual_seed(3)
+    # global LSE from the full vocabulary; loss and LSE-output weights as the Function passes them
+    full = vpcce.reference.forward_partials(layout, c, b, vocab_start=0, **SHARD_OPTS)
+    lse, _, _, _ = finalize(full, V, 0.1)
+    g_nll = torch.rand(n, generator=g) * (layout.flat_targets() != IGNORE)
+    g_lse = torch.rand(n, generator=g) * 0.1
+
+    parts, grads = [], []
+    for start, stop in SHARDS:
+        cs, bs = c[start:stop], b[start:stop]
+        owned = (layout.flat_targets() >= start) & (layout.flat_targets() < stop)
+        assert owned.any() and not owned.all()
+        got = vpcce.kernels.forward_partials(layout, cs, bs, vocab_start=start, **SHARD_OPTS)
+        want = vpcce.reference.forward_partials(layout, cs, bs, vocab_start=start, **SHARD_OPTS)
+        for col in (MAX, SUMEXP, XLOGX, SUMZ, ZTARGET):
+            assert rel_err(got[:, col], want[:, col]) <= 1e-6, (start, col, rel_err(got[:, col], want[:, col]))
+        assert (got[~owned, ZTARGET] == 0).all()
+        assert torch.equal(argmax_column(got), argmax_column(want))
+        assert ((argmax_column(got) >= start) & (argmax_column(got) < stop)).all()
+        parts.append(got)
+
+        kg = _shard_backward(vpcce.kernels, layout, cs, bs, start, lse, g_nll, g_lse)
+        rg = _shard_backward(vpcce.reference, layout, cs, bs, start, lse, g_nll, g_lse)
+        # bf16: the kernels round dz to bf16 (the materialized baseline's precision), the
+        # reference keeps it in fp32
+        tol = FP32_TOL["grad"] if dtype == torch.float32 else BF16_GRAD["ABS"]
+        for name, x, r in zip(("de", "dc", "dbias"), kg, rg):
+            assert x.dtype == dtype and x.shape == r.shape, name
+            assert rel_err(x, r) <= tol, (start, name, rel_err(x, r))
+        grads.append(kg)
+
+    # the shards together are the whole vocabulary: merged partials and summed dE
+    merged = merge_partials(torch.stack(parts))
+    for col in (MAX, SUMEXP, XLOGX, SUMZ, ZTARGET):
+        assert rel_err(merged[:, col], full[:, col]) <= 1e-6, (col, rel_err(merged[:, col], full[:, col]))
+    assert torch.equal(argmax_column(merged), argmax_column(full))
+    whole = _shard_backward(vpcce.reference, layout, c, b, 0, lse, g_nll, g_lse)
+    de_sum = sum(gr[0].double() for gr in grads)
+    tol = FP32_TOL["grad"] if dtype == torch.float32 else BF16_GRAD["ABS"]
+    assert rel_err(de_sum, whole[0]) <= tol, rel_err(de_sum, whole[0])
+    assert rel_err(torch.cat([gr[1] for gr in grads]), whole[1]) <= tol
+    assert rel_err(torch.cat([gr[2] for gr in grads]), whole[2]) <= tol
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. forward split over the vocabulary (num_splits > 1 merges per-split partials)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_splits", [2, 4, 5])
+def test_num_splits_equals_one_split(num_splits):
+    # V = 301 has 5 vocab tiles: 2 splits of 3 + 2 tiles; 4 splits of 2 tiles leave the last one
+    # empty (merged as the identity); 5 splits of one tile each, the last one partial
+    assert triton.cdiv(V, blocks().v) == 5
+    e, c, b, y = make_inputs(dtype=torch.float32, bias=True, ignored=0.3, seed=5)
+    start = 1000  # global ids: the argmax and the target test include the offset
+    y_global = y + start * (y != IGNORE)
+    layout = make_layout(e, y_global, 1)
+    one = vpcce.kernels.forward_partials(layout, c, b, vocab_start=start, logit_scale=1.0, softcap=5.0,
+                                         num_splits=1)
+    many = vpcce.kernels.forward_partials(layout, c, b, vocab_start=start, logit_scale=1.0, softcap=5.0,
+                                          num_splits=num_splits)
+    assert torch.equal(many[:, MAX], one[:, MAX])  # a max is exact in any order
+    assert torch.equal(many[:, ZTARGET], one[:, ZTARGET])  # one nonzero term per token
+    assert torch.equal(argmax_column(many), argmax_column(one))
+    for col in (SUMEXP, XLOGX, SUMZ):
+        assert rel_err(many[:, col], one[:, col]) <= 1e-6, (col, rel_err(many[:, col], one[:, col]))
+    ref = vpcce.reference.forward_partials(layout, c, b, vocab_start=start, logit_scale=1.0, softcap=5.0)
+    assert torch.equal(argmax_column(many), argmax_column(ref))
+    assert rel_err(many[:, :ARGMAX], ref[:, :ARGMAX]) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. backward over several vocabulary chunks
+# ---------------------------------------------------------------------------------------------
+
+CHUNK_OPTS = dict(shift=1, softcap=5.0, label_smoothing=0.1, reduction="sum")
+
+
+def _chunk_bytes_for(n: int, dtype: torch.dtype) -> int:
+    """A dz budget of one vocab tile: V = 301 is walked in 5 chunks."""
+    return n * dtype.itemsize * blocks().v
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_multi_chunk_backward(dtype):
+    dtype = DTYPES[dtype]
+    e, c, b, y = make_inputs(dtype=dtype, bias=True, ignored=0.3, seed=8)
+    n = y[..., 1:].numel()
+    small = _chunk_bytes_for(n, dtype)
+    assert chunk_len(n, V, dtype.itemsize, blocks().v, small) == blocks().v  # 5 chunks
+    one = run("triton", e, c, y, b, z_loss=Z_LOSS, **CHUNK_OPTS)
+    many = run("triton", e, c, y, b, z_loss=Z_LOSS, chunk_bytes=small, **CHUNK_OPTS)
+    tru = truth(e, c, y, b, z_loss=Z_LOSS, **CHUNK_OPTS)
+    # chunks only split dE's accumulation: loss, dC (one owner per row) and dbias are unchanged
+    assert_bitwise(many[:2] + many[3:], one[:2] + one[3:], names=("loss", "lse", "dc", "dbias"))
+    if dtype == torch.float32:  # dE accumulated in place in fp32
+        ref = run("torch", e, c, y, b, z_loss=Z_LOSS, **CHUNK_OPTS)
+        assert rel_err(many[2], one[2]) <= 1e-6, rel_err(many[2], one[2])
+        for name, x, r, t in zip(("de", "dc", "dbias"), many[2:], ref[2:], tru[2:]):
+            assert rel_err(x, r) <= FP32_TOL["grad"] and rel_err(x, t) <= FP32_TOL["grad"], name
+        return
+    # bf16: the hi/lo pair (default) and the fp32 buffer (accum_e_fp32) carry dE across chunks
+    # about as accurately as one chunk's fp32 accumulator, rounded once
+    fp32_acc = run("triton", e, c, y, b, z_loss=Z_LOSS, chunk_bytes=small, accum_e_fp32=True, **CHUNK_OPTS)
+    err_one = rel_err(one[2], tru.de)
+    for name, out in (("hi/lo", many), ("accum_e_fp32", fp32_acc)):
+        err = rel_err(out[2], tru.de)
+        assert err <= 1.1 * err_one + 1e-4, (name, err, err_one)
+    assert_bitwise(fp32_acc[3:], one[3:], names=("dc", "dbias"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. determinism, 6. strided inputs, 7. no tokens, 9. NaN
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bitwise_deterministic(dtype):
+    dtype = DTYPES[dtype]
+    e, c, b, y = make_inputs(d=D_SMALL, v=V_SMALL, dtype=dtype, bias=True, ignored=0.3, seed=9)
+    n = y[..., 1:].numel()
+    opts = dict(z_loss=Z_LOSS, chunk_bytes=_chunk_bytes_for(n, dtype), **CHUNK_OPTS)
+    assert_bitwise(run("triton", e, c, y, b, **opts), run("triton", e, c, y, b, **opts))
+
+
+def _spy(monkeypatch, name, seen):
+    real = getattr(vpcce.kernels, name)
+
+    def spy(layout, *args, **kwargs):
+        c = args[0] if name == "forward_partials" else args[1]
+        seen.append((name, c.data_ptr(), c.stride(), layout.e3.data_ptr(), layout.e3.stride()))
+        return real(layout, *args, **kwargs)
+
+    monkeypatch.setattr(vpcce.kernels, name, spy)
+
+
+@pytest.mark.parametrize("c_layout", ["column-slice", "transposed"])
+def test_strided_inputs_match_contiguous_without_copy(c_layout, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    d, v = D_SMALL, V_SMALL
+    if c_layout == "column-slice":
+        c_nc = torch.randn(v, 2 * d, generator=g)[:, ::2] * (2 / d**0.5)
+    else:  # stored [D, V]: stride (1, V)
+        c_nc = (torch.randn(d + 3, v, generator=g) * (2 / d**0.5))[:d].t()
+    e_nc = torch.randn(2, 21, 2 * d, generator=g)[:, 1:, ::2]
+    y_nc = torch.randint(0, v, (20, 2), generator=g).t()
+    b_nc = torch.randn(2 * v, generator=g)[::2]
+    y_nc[0, 4] = IGNORE
+    assert not any(x.is_contiguous() for x in (c_nc, e_nc, y_nc, b_nc))
+    opts = dict(shift=1, softcap=5.0, label_smoothing=0.1, reduction="none", z_loss=0.1,
+                grad_weight=torch.rand(2, 19, generator=g))
+    seen = []
+    _spy(monkeypatch, "forward_partials", seen)
+    _spy(monkeypatch, "backward", seen)
+    got = run("triton", e_nc, c_nc, y_nc, b_nc, **opts)
+    # the kernels received the strided storage itself (no copy of c or e on the way)
+    assert [s[0] for s in seen] == ["forward_partials", "backward"]
+    for _, c_ptr, c_stride, e_ptr, e_stride in seen:
+        assert (c_ptr, c_stride) == (c_nc.data_ptr(), c_nc.stride())
+        assert e_ptr == e_nc.data_ptr() and e_stride == e_nc.stride()
+    want = run("triton", e_nc.contiguous(), c_nc.contiguous(), y_nc.contiguous(), b_nc.contiguous(), **opts)
+    assert_bitwise(got, want)
+    ref = run("torch", e_nc, c_nc, y_nc, b_nc, **opts)
+    for name, x, r in zip(("loss", "lse", "de", "dc", "dbias"), got, ref):
+        tol = FP32_TOL["loss" if name in ("loss", "lse") else "grad"]
+        assert rel_err(x, r) <= tol, (name, rel_err(x, r))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "e_shape,shift", [((0, 8), 0), ((2, 0, 8), 0), ((2, 3, 8), 3)], ids=["0xD", "2x0xD", "2x3xD-shift3"],
+)
+def test_no_tokens(e_shape, shift, reduction):
+    e = torch.randn(e_shape, requires_grad=True)
+    c = torch.randn(5, 8, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    y = torch.randint(0, 5, e_shape[:-1])
+    loss, lse = linear_cross_entropy(e, c, y, b, impl="triton", reduction=reduction, shift=shift,
+                                     return_lse=True, label_smoothing=0.1)
+    out_shape = (*e_shape[:-2], e_shape[-2] - shift) if len(e_shape) > 2 else (0,)
+    assert lse.shape == out_shape and loss.shape == (out_shape if reduction == "none" else ())
+    assert not torch.isnan(loss).any() and (loss == 0).all()
+    (loss.sum() + lse.sum()).backward()
+    assert e.grad.shape == e.shape and (e.grad == 0).all()
+    assert (c.grad == 0).all() and (b.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_gradients(reduction, dtype):
+    e, c, b, y = make_inputs(d=D_SMALL, v=V_SMALL, dtype=DTYPES[dtype], bias=True, ignored=1.0)
+    leaves = [x.requires_grad_() for x in (e, c, b)]
+    loss = linear_cross_entropy(e, c, y, b, impl="triton", reduction=reduction, label_smoothing=0.1)
+    assert not torch.isnan(loss).any() and (loss == 0).all()
+    loss.sum().backward()
+    for x in leaves:
+        assert x.grad is not None and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nan_inf_in_e_propagate(bad, reduction):
+    e, c, _, y = make_inputs(d=D_SMALL, v=V_SMALL, seed=2)
+    e[0, 3, 7] = float(bad)
+    e.requires_grad_()
+    loss = linear_cross_entropy(e, c, y, impl="triton", reduction=reduction)
+    loss.sum().backward()  # no exception
+    poisoned = loss if reduction == "mean" else loss[0, 3]
+    assert torch.isnan(poisoned) if bad == "nan" else not torch.isfinite(poisoned)
+    if reduction == "none":  # tokens are independent in the forward pass
+        clean = torch.ones_like(loss, dtype=torch.bool)
+        clean[0, 3] = False
+        assert torch.isfinite(loss[clean]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. gradient filtering
+# ---------------------------------------------------------------------------------------------
+
+# |p - q| <= 1 and p <= 1, so every tile is below this eps and skipped. (1.0 itself would keep a
+# tile whose target has p ~ 1e-8: |p - 1| rounds to 1.0 in fp32.)
+SKIP_ALL_EPS = 1.5
+FILTER_OPTS = dict(shift=1, softcap=5.0, label_smoothing=0.1, reduction="mean")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_filter_eps_zero_is_exact(dtype):
+    e, c, b, y = make_inputs(d=D_SMALL, v=V_SMALL, dtype=DTYPES[dtype], bias=True, ignored=0.3, seed=10)
+    exact = run("cce_exact", e, c, y, b, z_loss=Z_LOSS, **FILTER_OPTS)
+    assert_bitwise(run("triton", e, c, y, b, z_loss=Z_LOSS, filter_eps=0.0, **FILTER_OPTS), exact)
+    assert_bitwise(run("triton", e, c, y, b, z_loss=Z_LOSS, filter_eps=None, **FILTER_OPTS), exact)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_filter_skipping_every_tile(dtype):
+    e, c, b, y = make_inputs(d=D_SMALL, v=V_SMALL, dtype=DTYPES[dtype], bias=True, ignored=0.3, seed=11)
+    exact = run("triton", e, c, y, b, z_loss=Z_LOSS, **FILTER_OPTS)
+    assert all((g != 0).any() for g in exact[2:])
+
+    def filtered(**kw):
+        return run("triton", e, c, y, b, z_loss=Z_LOSS, filter_eps=SKIP_ALL_EPS, **kw, **FILTER_OPTS)
+
+    both = filtered()
+    assert_bitwise(both[:2], exact[:2], names=("loss", "lse"))  # the filter is backward only
+    assert (both[2] == 0).all() and (both[3] == 0).all()
+    assert torch.equal(both[4], exact[4])  # the bias gradient is a column sum of dz: never skipped
+    keep_e = filtered(filter_e_grad=False)
+    assert torch.equal(keep_e[2], exact[2]) and (keep_e[3] == 0).all() and torch.equal(keep_e[4], exact[4])
+    keep_c = filtered(filter_c_grad=False)
+    assert (keep_c[2] == 0).all() and torch.equal(keep_c[3], exact[3]) and torch.equal(keep_c[4], exact[4])
+
+
+def test_filter_on_peaked_softmax_skips_some_tiles():
+    g = torch.Generator().manual_seed(12)
+    _, c, _, _ = make_inputs(d=D_SMALL, v=V_SMALL, seed=12)
+    # targets in the first vocab tile only; e close to 8 c[y]: p(target) ~ 1, the rest tiny, so
+    # tiles without targets fall below eps and the first tile does not
+    y = torch.randint(0, blocks().v, (2, 20), generator=g)
+    e = 8 * c[y] + 0.1 * torch.randn(2, 20, D_SMALL, generator=g)
+    exact = run("triton", e, c, y)
+    tru = truth(e, c, y)
+    skipped = run("triton", e, c, y, filter_eps=1e-3)
+    assert torch.equal(skipped[0], exact[0])
+    for name, x, r, t in zip(("de", "dc"), skipped[2:4], exact[2:4], tru[2:4]):
+        err = rel_err(x, r)
+        assert 0 < err <= 1e-2, (name, err)  # some tiles skipped, and only small ones
+        assert rel_err(r, t) <= FP32_TOL["grad"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. apple cut_cross_entropy aliases
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_apple_aliases_equal_triton(dtype):
+    dtype = DTYPES[dtype]
+    e, c, b, y = make_inputs(d=D_SMALL, v=V_SMALL, dtype=dtype, bias=True, ignored=0.3, seed=13)
+    # several chunks, so the fp32 dE buffer of the kahan aliases differs from the bf16 hi/lo pair
+    opts = dict(z_loss=Z_LOSS, chunk_bytes=_chunk_bytes_for(y[..., 1:].numel(), dtype), **FILTER_OPTS)
+    exact = run("triton", e, c, y, b, **opts)
+    assert_bitwise(run("cce", e, c, y, b, **opts), exact)  # filter_eps="auto" is exact for now
+    assert_bitwise(run("cce_exact", e, c, y, b, filter_eps=0.5, **opts), exact)  # ignores the filter
+    assert_bitwise(run("cce", e, c, y, b, filter_eps=0.5, **opts),
+                   run("triton", e, c, y, b, filter_eps=0.5, **opts))
+    kahan = run("triton", e, c, y, b, accum_e_fp32=True, accum_c_fp32=True, **opts)
+    for alias in ("cce_kahan_full_c", "cce_kahan_full_e"):
+        assert_bitwise(run(alias, e, c, y, b, filter_eps=0.5, **opts), kahan)
+    assert_bitwise(kahan[:2] + kahan[3:], exact[:2] + exact[3:], names=("loss", "lse", "dc", "dbias"))
+    tol = FP32_TOL["grad"] if dtype == torch.float32 else BF16_GRAD["ABS"]
+    assert rel_err(kahan[2], exact[2]) <= tol
