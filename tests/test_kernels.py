@@ -70,7 +70,8 @@ def make_inputs(lead=(2,), t=20, d=D, v=V, *, dtype=torch.float32, bias=False, i
 
 def run(impl, e, c, y, b=None, *, z_loss=0.0, grad_weight=None, **opts):
     """``(loss, lse, dE, dC, dbias)`` of `truth.objective` (loss [+ z-loss on the LSE])."""
-    leaves = [x.detach().clone().requires_grad_() for x in (e, c) + ((b,) if b is not None else ())]
+    # detach, not clone: the kernels must see the callers' strides and storage
+    leaves = [x.detach().requires_grad_() for x in (e, c) + ((b,) if b is not None else ())]
     loss, lse = linear_cross_entropy(leaves[0], leaves[1], y, *leaves[2:], impl=impl, return_lse=True, **opts)
     _, yp = paired(e, y, opts.get("shift", 0))
     obj = objective(loss, lse, yp != IGNORE, reduction=opts.get("reduction", "mean"), z_loss=z_loss,
@@ -359,7 +360,7 @@ def test_strided_inputs_match_contiguous_without_copy(c_layout, monkeypatch):
     g = torch.Generator().manual_seed(6)
     d, v = D_SMALL, V_SMALL
     if c_layout == "column-slice":
-        c_nc = torch.randn(v, 2 * d, generator=g)[:, ::2] * (2 / d**0.5)
+        c_nc = (torch.randn(v, 2 * d, generator=g) * (2 / d**0.5))[:, ::2]
     else:  # stored [D, V]: stride (1, V)
         c_nc = (torch.randn(d + 3, v, generator=g) * (2 / d**0.5))[:d].t()
     e_nc = torch.randn(2, 21, 2 * d, generator=g)[:, 1:, ::2]
@@ -473,18 +474,22 @@ def test_filter_skipping_every_tile(dtype):
 def test_filter_on_peaked_softmax_skips_some_tiles():
     g = torch.Generator().manual_seed(12)
     _, c, _, _ = make_inputs(d=D_SMALL, v=V_SMALL, seed=12)
-    # targets in the first vocab tile only; e close to 8 c[y]: p(target) ~ 1, the rest tiny, so
-    # tiles without targets fall below eps and the first tile does not
-    y = torch.randint(0, blocks().v, (2, 20), generator=g)
-    e = 8 * c[y] + 0.1 * torch.randn(2, 20, D_SMALL, generator=g)
+    # e close to 5 c[peak]: the softmax peaks (p ~ 1) inside the first vocab tile; odd tokens'
+    # targets differ from their peak, so the first tile keeps |p - q| ~ 1 while the others hold
+    # only p < eps and are skipped
+    peak = torch.randint(0, blocks().v, (2, 20), generator=g)
+    y = peak.clone()
+    y[:, 1::2] = torch.randint(0, blocks().v, (2, 10), generator=g)
+    e = 5 * c[peak] + 0.1 * torch.randn(2, 20, D_SMALL, generator=g)
     exact = run("triton", e, c, y)
     tru = truth(e, c, y)
     skipped = run("triton", e, c, y, filter_eps=1e-3)
     assert torch.equal(skipped[0], exact[0])
     for name, x, r, t in zip(("de", "dc"), skipped[2:4], exact[2:4], tru[2:4]):
         err = rel_err(x, r)
-        assert 0 < err <= 1e-2, (name, err)  # some tiles skipped, and only small ones
-        assert rel_err(r, t) <= FP32_TOL["grad"]
+        # some tiles skipped (measured 3e-5), and only tiles of small probabilities
+        assert 0 < err <= 1e-3, (name, err)
+        assert rel_err(r, t) <= FP32_TOL["grad"] and rel_err(x, t) <= 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `truth` upcasts the inputs to fp64 and follows PyTorch's semantics step by step (materialized fp64
 logits, ``F.cross_entropy``), so it shares no code with ``vpcce``. `bf16_baseline` is what a caller
 would write without vpcce: logits materialized in the input dtype, then ``.float()`` and
-``F.cross_entropy``. Low-precision tests hold the reference to the baseline's error against the truth.
+``F.cross_entropy``. Low-precision tests hold the reference to the baseline's error against the
+truth.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def logits_of(e, c, bias, *, softcap, logit_scale):
 def objective(loss, lse, valid, *, reduction, z_loss=0.0, grad_weight=None):
     """The scalar the tests differentiate: the loss (weighted by ``grad_weight`` when per token)
     plus the z-loss ``z_loss * sum(lse ** 2 over non-ignored tokens)``."""
-    out = loss if reduction != "none" else (loss * (1.0 if grad_weight is None else grad_weight)).sum()
+    out = (
+        loss
+        if reduction != "none"
+        else (loss * (1.0 if grad_weight is None else grad_weight)).sum()
+    )
     if z_loss:
         out = out + z_loss * (lse.pow(2) * valid).sum()
     return out
@@ -105,12 +110,20 @@ def truth(
     valid = y != ignore_index
     loss = _reduce(nll.view(out_shape), valid.view(out_shape), reduction)
     lse = lse.view(out_shape)
-    obj = objective(loss, lse, valid.view(out_shape), reduction=reduction, z_loss=z_loss,
-                    grad_weight=None if grad_weight is None else grad_weight.double())
+    obj = objective(
+        loss,
+        lse,
+        valid.view(out_shape),
+        reduction=reduction,
+        z_loss=z_loss,
+        grad_weight=None if grad_weight is None else grad_weight.double(),
+    )
     leaves = [t for t in (e64, c64, b64) if t is not None]
     grads = torch.autograd.grad(obj, leaves, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-    return Result(loss.detach(), lse.detach(), grads[0], grads[1], grads[2] if b64 is not None else None)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)]
+    return Result(
+        loss.detach(), lse.detach(), grads[0], grads[1], grads[2] if b64 is not None else None
+    )
 
 
 def bf16_baseline(
@@ -146,8 +159,10 @@ def bf16_baseline(
     obj = objective(loss, lse, valid, reduction=reduction, z_loss=z_loss, grad_weight=grad_weight)
     leaves = [t for t in (e_, c_, b_) if t is not None]
     grads = torch.autograd.grad(obj, leaves, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-    return Result(loss.detach(), lse.detach(), grads[0], grads[1], grads[2] if b_ is not None else None)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)]
+    return Result(
+        loss.detach(), lse.detach(), grads[0], grads[1], grads[2] if b_ is not None else None
+    )
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

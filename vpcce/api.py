@@ -112,14 +112,12 @@ def linear_cross_entropy(
     # 2. vocabulary layout (one small collective the first time a vocab-parallel layout is seen)
     vocab_size, vocab_start = c.shape[0], 0
     if vp is not None:
-        if c.shape[0] != vp.shard_size:
-            raise ValueError(f"c has {c.shape[0]} rows but vocab_parallel_options owns [{vp.start}, {vp.stop})")
         num_tokens = targets[..., shift:].numel() if targets.dim() else 1
         fingerprint = zlib.crc32(
             repr((reduction, shift, ignore_index, float(label_smoothing), softcap, float(logit_scale),
                   vp.sequence_parallel, vp.reduce_e_grad, bias is not None)).encode()
         )
-        vocab_size = collectives.verify_layout(vp, num_tokens, fingerprint, e.device)
+        vocab_size = collectives.verify_layout(vp, num_tokens, fingerprint, c.shape[0], e.device)
         vocab_start = vp.start
     if validate:
         check_target_range(targets, vocab_size, ignore_index)

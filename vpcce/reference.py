@@ -71,8 +71,11 @@ def _tile_partials(z: torch.Tensor, y_local: torch.Tensor, v0: int, id_offset: i
     """[Nc, 6] partials of one ``[Nc, Vc]`` logits tile covering local vocab ``[v0, v0 + Vc)``."""
     parts = torch.empty(z.shape[0], NUM_STATS, dtype=z.dtype, device=z.device)
     m, idx = z.max(dim=1)
-    shifted = z - m[:, None]
+    # -inf logits (a vocabulary masked by a -inf bias) weigh 0, as in F.cross_entropy. A row that is
+    # all -inf is an empty slice: shift it by 0, not -inf, so no (-inf) - (-inf) = NaN appears.
+    shifted = z - torch.where(torch.isneginf(m), torch.zeros_like(m), m)[:, None]
     p = torch.exp(shifted)
+    shifted.clamp_(min=torch.finfo(z.dtype).min)  # p = 0 there: 0 * -inf would make XLOGX NaN
     parts[:, MAX] = m
     parts[:, SUMEXP] = p.sum(dim=1)
     parts[:, XLOGX] = (p * shifted).sum(dim=1)

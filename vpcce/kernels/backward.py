@@ -54,7 +54,7 @@ def _cce_dlogits_kernel(
     logit_scale, softcap, target_weight, uniform_weight, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLSE: tl.constexpr,
     FILTER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -72,7 +72,7 @@ def _cce_dlogits_kernel(
     z = logits_tile(
         e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, j_mask, D,
         stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
-        HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC,
+        HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC, EVEN_D,
     )
     valid = n_mask[:, None] & j_mask[None, :]
     p = tl.exp(tl.where(valid, z - lse[:, None], float("-inf")))  # padding rows/columns: p = 0
@@ -171,7 +171,7 @@ def backward(
             float(mode.filter_eps or 0.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_GLSE=g_lse is not None,
             FILTER=filtering, UPCAST=upcast, DOT_PRECISION=precision,
-            BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, num_warps=cfg.warps, num_stages=cfg.stages,
+            BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, num_warps=cfg.warps, num_stages=cfg.stages,
         )
         dz_chunk = dz[:, :cl]
         grad_matmul(

@@ -49,10 +49,12 @@ class Blocks:
     split_acc: bool = False  # add each K step's dot to the accumulator with an fp32 FADD
 
 
-# Initial H100 choice (128 x 128 fp32 accumulator, 64-wide K steps: wgmma-sized, 3-stage pipeline
-# fits shared memory at bf16); tuning belongs to the performance issue. The interpreter's cost
-# grows with programs x loop steps, so it gets big-enough blocks for test shapes and one config.
-GPU_BLOCKS = Blocks(n=128, v=128, d=64, gemm_n=128, gemm_k=64, warps=8, stages=3)
+# H100, N 8192 x D 2304 x V 256000 bf16, 2026-11-25 (docs/perf.md): 128 x 128 fp32 accumulator,
+# 64-wide K steps, 4 stages: forward 24.1 ms (3 stages: 28.0). Split accumulation costs 4 ms and
+# cuts the loss error vs fp64 from 3.4e-5 to 6.9e-7: Hopper's tensor-core accumulator chain
+# truncates, biasing logits toward zero by ~58 fp32 ulps at |z| ~ 14. The interpreter's cost grows
+# with programs x loop steps, so it gets big-enough blocks for test shapes and one config.
+GPU_BLOCKS = Blocks(n=128, v=128, d=64, gemm_n=128, gemm_k=64, warps=8, stages=4, split_acc=True)
 INTERPRETER_BLOCKS = Blocks(n=32, v=64, d=64, gemm_n=64, gemm_k=64, warps=4, stages=1)
 
 
@@ -83,7 +85,7 @@ def logits_tile(
     logit_scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """fp32 ``softcap(logit_scale * (e @ c.T + bias))`` for one ``[BLOCK_N, BLOCK_V]`` tile.
 
@@ -94,7 +96,7 @@ def logits_tile(
     c_rows = v.to(tl.int64) * stride_cv
     for d0 in range(0, D, BLOCK_D):
         d = d0 + d_offs
-        d_mask = d < D
+        d_mask = (d < D) | EVEN_D  # EVEN_D: D % BLOCK_D == 0, the compiler drops the test
         e_tile = tl.load(
             e_ptr + e_rows[:, None] + d[None, :] * stride_ed,
             mask=n_mask[:, None] & d_mask[None, :], other=0.0,
@@ -107,7 +109,9 @@ def logits_tile(
             e_tile = e_tile.to(tl.float32)
             c_tile = c_tile.to(tl.float32)
         if SPLIT_ACC:
-            acc += tl.dot(e_tile, c_tile, input_precision=DOT_PRECISION)
+            # Round each K step into the fp32 accumulator with IEEE round-to-nearest (an fma is not
+            # folded back into the tensor-core accumulator chain, whose additions truncate).
+            acc = tl.fma(tl.dot(e_tile, c_tile, input_precision=DOT_PRECISION), 1.0, acc)
         else:
             acc = tl.dot(e_tile, c_tile, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:

@@ -43,7 +43,7 @@ def _cce_fwd_kernel(
     logit_scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -69,11 +69,12 @@ def _cce_fwd_kernel(
         z = logits_tile(
             e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, v_mask, D,
             stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
-            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC, EVEN_D,
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
-        tile_arg = tl.argmax(z, axis=1).to(tl.int32) + t * BLOCK_V
+        # NaN ranks highest, as in torch.argmax; the interpreter's argmax raises on all-NaN rows
+        tile_arg = tl.argmax(tl.where(z != z, float("inf"), z), axis=1).to(tl.int32) + t * BLOCK_V
         arg = tl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
         m_new = tl.maximum(m, tile_max)
         # rescale the running sums to the new max; an empty running state (s = 0) stays 0
@@ -86,7 +87,9 @@ def _cce_fwd_kernel(
         s += tl.sum(p, axis=1)
         x += tl.sum(p * zs, axis=1)
         sum_z += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
-        z_target += tl.sum(tl.where(v[None, :] == y_local[:, None], z, 0.0), axis=1)
+        # v_mask: a target owned by the next shard can equal a padding column (z = -inf there)
+        hit = (v[None, :] == y_local[:, None]) & v_mask[None, :]
+        z_target += tl.sum(tl.where(hit, z, 0.0), axis=1)
         m = m_new
 
     out = part_ptr + pid_s * stride_ps + n.to(tl.int64) * 6
@@ -144,6 +147,6 @@ def forward_partials(
         float(logit_scale), float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=upcast_tiles(c.dtype), DOT_PRECISION=dot_precision(c.dtype),
-        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return parts[0] if splits == 1 else merge_partials(parts)

@@ -18,7 +18,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 _VERIFIED: dict[tuple, int] = {}  # layout key -> global vocabulary size
-_LAYOUT_FIELDS = 5  # start, stop, tokens, option fingerprint, world size
+_LAYOUT_FIELDS = 6  # start, stop, tokens, option fingerprint, world size, rows of c
 
 
 class LayoutError(ValueError):
@@ -29,22 +29,29 @@ def world_size(opts: VocabParallelOptions) -> int:
     return group_rank_and_size(opts.group)[1]
 
 
-def verify_layout(opts: VocabParallelOptions, num_tokens: int, fingerprint: int, device) -> int:
+def verify_layout(
+    opts: VocabParallelOptions, num_tokens: int, fingerprint: int, shard_rows: int, device
+) -> int:
     """Check shards and token counts across the group once per layout; return the global vocab.
 
-    One all-gather of five integers per rank, the first time this (group, shard, N, options) is
+    One all-gather of six integers per rank, the first time this (group, shard, N, options) is
     seen on this rank. Every rank receives every description, so every rank raises the same
-    `LayoutError` instead of one rank hanging in a mismatched collective.
+    `LayoutError` instead of one rank hanging in a mismatched collective. ``shard_rows`` (the rows
+    of this rank's classifier) is checked here too, for the same reason.
+
+    The cache assumes ranks change N together (as training loops do): a rank that alone changes
+    to a new N would enter this check while the others do not.
     """
     rank, world = group_rank_and_size(opts.group)
-    key = (id(opts.group), opts.start, opts.stop, num_tokens, fingerprint, world)
-    mine = torch.tensor([opts.start, opts.stop, num_tokens, fingerprint, world], dtype=torch.int64)
+    key = (id(opts.group), opts.start, opts.stop, num_tokens, fingerprint, world, shard_rows)
+    fields = [opts.start, opts.stop, num_tokens, fingerprint, world, shard_rows]
+    mine = torch.tensor(fields, dtype=torch.int64)
     if world == 1:
         rows = mine[None]
     elif key in _VERIFIED:
         return _VERIFIED[key]
     else:
-        # concatenated [W * 5], not stacked [W, 5]: gloo accepts only the concatenated output
+        # concatenated [W * 6], not stacked [W, 6]: gloo accepts only the concatenated output
         rows = torch.empty(world * _LAYOUT_FIELDS, dtype=torch.int64, device=device)
         _all_gather(rows, mine.to(device), group=opts.group)
         rows = rows.view(world, _LAYOUT_FIELDS).cpu()
@@ -54,6 +61,12 @@ def verify_layout(opts: VocabParallelOptions, num_tokens: int, fingerprint: int,
 
 
 def _check_rows(rows: list[list[int]], rank: int) -> int:
+    for owner, r in enumerate(rows):
+        if r[5] != r[1] - r[0]:
+            raise LayoutError(
+                f"c has {r[5]} rows on rank {owner} but its vocab_parallel_options own "
+                f"[{r[0]}, {r[1]}) (seen on rank {rank})"
+            )
     tokens = {r[2] for r in rows}
     if len(tokens) > 1:
         per_rank = {i: r[2] for i, r in enumerate(rows)}

@@ -1,0 +1,290 @@
+"""Bad inputs: each raises ValueError / TypeError with a message that names the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vpcce import LinearCrossEntropy, VocabParallelOptions, linear_cross_entropy
+
+B, T, D, V = 2, 5, 8, 11
+
+
+def good():
+    """Valid arguments; each case below breaks one of them."""
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        e=torch.randn(B, T, D, generator=g),
+        c=torch.randn(V, D, generator=g),
+        targets=torch.randint(0, V, (B, T), generator=g),
+        bias=torch.randn(V, generator=g),
+        impl="torch",
+    )
+
+
+def with_(**changes):
+    return lambda: {**good(), **changes}
+
+
+def targets_with(value):
+    def make():
+        args = good()
+        args["targets"][1, 3] = value
+        return args
+
+    return make
+
+
+# (id, arguments, exception, regex the message must match: the argument's name, and where useful
+# the received value)
+CASES = [
+    # tensors and shapes
+    ("e-not-tensor", with_(e=[[0.0] * D]), TypeError, r"^e must be a torch\.Tensor.*list"),
+    (
+        "c-not-tensor",
+        with_(c=torch.randn(V, D).numpy()),
+        TypeError,
+        r"^c must be a torch\.Tensor.*ndarray",
+    ),
+    (
+        "targets-not-tensor",
+        with_(targets=[[0] * T] * B),
+        TypeError,
+        r"^targets must be a torch\.Tensor",
+    ),
+    ("bias-not-tensor", with_(bias=[0.0] * V), TypeError, r"^bias must be a torch\.Tensor"),
+    (
+        "e-0d",
+        with_(e=torch.tensor(1.0), targets=torch.tensor(0)),
+        ValueError,
+        r"^e must have shape",
+    ),
+    ("c-1d", with_(c=torch.randn(D)), ValueError, r"^c must have shape \(V, D\).*\(8,\)"),
+    (
+        "c-3d",
+        with_(c=torch.randn(1, V, D)),
+        ValueError,
+        r"^c must have shape \(V, D\).*\(1, 11, 8\)",
+    ),
+    ("c-no-rows", with_(c=torch.randn(0, D), bias=None), ValueError, r"^c must hold at least one"),
+    ("D-mismatch", with_(c=torch.randn(V, D + 1)), ValueError, r"^c has D=9 but e has D=8"),
+    (
+        "targets-shape",
+        with_(targets=torch.randint(0, V, (B, T + 1))),
+        ValueError,
+        r"^targets must have shape \(2, 5\).*\(2, 6\)",
+    ),
+    (
+        "targets-flat",
+        with_(targets=torch.randint(0, V, (B * T,))),
+        ValueError,
+        r"^targets must have shape",
+    ),
+    # dtypes
+    (
+        "e-integer",
+        with_(e=torch.ones(B, T, D, dtype=torch.int32), c=torch.ones(V, D, dtype=torch.int32)),
+        TypeError,
+        r"^e must be a floating-point tensor.*int32",
+    ),
+    (
+        "targets-float",
+        with_(targets=torch.zeros(B, T)),
+        TypeError,
+        r"^targets must be an integer tensor.*float32",
+    ),
+    (
+        "targets-bool",
+        with_(targets=torch.zeros(B, T, dtype=torch.bool)),
+        TypeError,
+        r"^targets must be an integer tensor.*bool",
+    ),
+    (
+        "c-dtype",
+        with_(c=torch.randn(V, D, dtype=torch.bfloat16)),
+        TypeError,
+        r"^c dtype torch\.bfloat16 does not match e dtype torch\.float32",
+    ),
+    (
+        "bias-dtype",
+        with_(bias=torch.randn(V, dtype=torch.float64)),
+        TypeError,
+        r"^bias dtype torch\.float64 does not match e",
+    ),
+    (
+        "bias-shape",
+        with_(bias=torch.randn(V + 1)),
+        ValueError,
+        r"^bias must have shape \(11,\).*\(12,\)",
+    ),
+    ("bias-2d", with_(bias=torch.randn(1, V)), ValueError, r"^bias must have shape \(11,\)"),
+    # devices: "meta" tensors stand in for another device on a CPU-only machine
+    (
+        "c-device",
+        with_(c=torch.randn(V, D, device="meta")),
+        ValueError,
+        r"^c is on meta but e is on cpu",
+    ),
+    (
+        "targets-device",
+        with_(targets=torch.zeros(B, T, dtype=torch.long, device="meta")),
+        ValueError,
+        r"^targets is on meta but e is on cpu",
+    ),
+    (
+        "bias-device",
+        with_(bias=torch.randn(V, device="meta")),
+        ValueError,
+        r"^bias is on meta but e is on cpu",
+    ),
+    # shift
+    ("shift-negative", with_(shift=-1), ValueError, r"^shift must be in \[0, 5\].*got -1"),
+    ("shift-above-T", with_(shift=T + 1), ValueError, r"^shift must be in \[0, 5\].*got 6"),
+    (
+        "shift-1d-e",
+        with_(e=torch.randn(D), targets=torch.tensor(3), shift=1),
+        ValueError,
+        r"^shift must be in \[0, 0\]",
+    ),
+    ("shift-float", with_(shift=1.0), TypeError, r"^shift must be an int.*1\.0"),
+    # options
+    ("reduction", with_(reduction="avg"), ValueError, r"^reduction must be one of.*'avg'"),
+    ("reduction-None", with_(reduction=None), ValueError, r"^reduction must be one of.*None"),
+    ("impl", with_(impl="cuda"), ValueError, r"^impl must be one of.*'cuda'"),
+    (
+        "label_smoothing-negative",
+        with_(label_smoothing=-0.1),
+        ValueError,
+        r"^label_smoothing must be.*-0\.1",
+    ),
+    (
+        "label_smoothing-above-1",
+        with_(label_smoothing=1.5),
+        ValueError,
+        r"^label_smoothing must be.*1\.5",
+    ),
+    ("label_smoothing-str", with_(label_smoothing="0.1"), ValueError, r"^label_smoothing must be"),
+    ("softcap-zero", with_(softcap=0.0), ValueError, r"^softcap must be None or a float > 0.*0\.0"),
+    ("softcap-negative", with_(softcap=-5.0), ValueError, r"^softcap must be.*-5\.0"),
+    ("softcap-str", with_(softcap="5"), ValueError, r"^softcap must be"),
+    ("logit_scale-str", with_(logit_scale="2"), TypeError, r"^logit_scale must be a float"),
+    ("logit_scale-None", with_(logit_scale=None), TypeError, r"^logit_scale must be a float"),
+    (
+        "vocab_parallel_options-dict",
+        with_(vocab_parallel_options={"start": 0, "stop": V}),
+        TypeError,
+        r"^vocab_parallel_options must be VocabParallelOptions.*dict",
+    ),
+    (
+        "vocab_parallel_options-shard",
+        with_(vocab_parallel_options=VocabParallelOptions(0, V - 1)),
+        ValueError,
+        r"c has 11 rows but vocab_parallel_options owns \[0, 10\)",
+    ),
+    ("filter_eps-str", with_(filter_eps="fast"), TypeError, r"^filter_eps must be.*'fast'"),
+    ("filter_eps-bool", with_(filter_eps=True), TypeError, r"^filter_eps must be.*True"),
+    (
+        "filter_eps-negative",
+        with_(filter_eps=-1e-3),
+        ValueError,
+        r"^filter_eps must be >= 0.*-0\.001",
+    ),
+    (
+        "filter_eps-nan",
+        with_(filter_eps=float("nan")),
+        ValueError,
+        r"^filter_eps must be >= 0.*nan",
+    ),
+    # target values (an eager check on the CPU)
+    ("targets-equal-V", targets_with(V), ValueError, r"^targets must be in \[0, 11\).*found 11"),
+    (
+        "targets-negative",
+        targets_with(-1),
+        ValueError,
+        r"^targets must be in \[0, 11\).*ignore_index=-100.*found -1",
+    ),
+    (
+        "targets-other-ignore_index",
+        lambda: {**targets_with(-100)(), "ignore_index": -1},
+        ValueError,
+        r"^targets must be in \[0, 11\) or equal ignore_index=-1; found -100",
+    ),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_naming_the_argument(make, exc, match):
+    args = make()
+    with pytest.raises(exc, match=match) as info:
+        linear_cross_entropy(**args)
+    assert type(info.value) is exc  # not a subclass standing in for the documented type
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        with_(shift=T),
+        with_(shift=0),
+        targets_with(-100),
+        lambda: {**targets_with(-1)(), "ignore_index": -1},
+        with_(label_smoothing=1.0),
+        with_(filter_eps=0.0),
+        with_(filter_eps=None),
+        with_(shift=True),
+    ],
+    ids=[
+        "shift=T",
+        "shift=0",
+        "ignored-target",
+        "custom-ignore_index",
+        "label_smoothing=1",
+        "filter_eps=0",
+        "filter_eps=None",
+        "shift=True",
+    ],
+)
+def test_boundary_values_are_accepted(make):
+    loss = linear_cross_entropy(**make())
+    assert loss.dtype == torch.float32 and loss.shape == ()
+
+
+def test_bool_shift_means_one():
+    args = good()
+    torch.testing.assert_close(
+        linear_cross_entropy(**args, shift=True),
+        linear_cross_entropy(**args, shift=1),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_validate_false_skips_the_target_range_check():
+    args = targets_with(V)()
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(**args)
+    linear_cross_entropy(**args, validate=False)  # the caller vouches for the targets
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"^impl='triton' runs the Triton kernels.*cpu"):
+        linear_cross_entropy(**with_(impl="triton")())
+
+
+def test_module_checks_options_at_construction():
+    with pytest.raises(TypeError, match=r"unknown options \['reductions'\]"):
+        LinearCrossEntropy(reductions="sum")
+    module = LinearCrossEntropy(
+        reduction="avg"
+    )  # values are checked at call time, like the function
+    args = good()
+    with pytest.raises(ValueError, match=r"^reduction must be one of"):
+        module(args["e"], args["c"], args["targets"], args["bias"])
+
+
+@pytest.mark.parametrize(
+    "start,stop", [(-1, 4), (5, 4)], ids=["negative-start", "stop-before-start"]
+)
+def test_vocab_parallel_options_bad_range(start, stop):
+    with pytest.raises(ValueError, match=r"^VocabParallelOptions needs 0 <= start <= stop"):
+        VocabParallelOptions(start, stop)
