@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vpcce import LinearCrossEntropy, VocabParallelOptions, linear_cross_entropy
+from vpcce import LayoutError, LinearCrossEntropy, VocabParallelOptions, linear_cross_entropy
 
 B, T, D, V = 2, 5, 8, 11
 
@@ -178,8 +178,8 @@ CASES = [
     (
         "vocab_parallel_options-shard",
         with_(vocab_parallel_options=VocabParallelOptions(0, V - 1)),
-        ValueError,
-        r"c has 11 rows but vocab_parallel_options owns \[0, 10\)",
+        LayoutError,  # a ValueError raised on every rank alike
+        r"^c has 11 rows on rank 0 but its vocab_parallel_options own \[0, 10\)",
     ),
     ("filter_eps-str", with_(filter_eps="fast"), TypeError, r"^filter_eps must be.*'fast'"),
     ("filter_eps-bool", with_(filter_eps=True), TypeError, r"^filter_eps must be.*True"),
@@ -288,3 +288,7 @@ def test_module_checks_options_at_construction():
 def test_vocab_parallel_options_bad_range(start, stop):
     with pytest.raises(ValueError, match=r"^VocabParallelOptions needs 0 <= start <= stop"):
         VocabParallelOptions(start, stop)
+
+
+def test_layout_error_is_a_value_error():
+    assert issubclass(LayoutError, ValueError)

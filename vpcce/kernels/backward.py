@@ -27,9 +27,12 @@ from vpcce.kernels.matmul import ADD, HI_LO, STORE, grad_matmul
 from vpcce.layout import TokenLayout
 from vpcce.modes import BackwardMode
 
-# Budget of the [N, chunk] dz buffer: with the [N, D] 16-bit residual of dE it keeps the extra
-# memory under 64 MB at N 8192 x D 2304 (issue 3's bar): 16 MiB + 37.7 MB.
-DEFAULT_DZ_BYTES = 16 * 2**20
+# Working memory of the backward beyond its outputs: the [N, chunk] dz buffer plus the [N, D]
+# 16-bit residual of dE share this budget, so extra memory stays under 64 MB (issue 3's bar; at
+# N 8192 x D 2304 the residual takes 36 MiB). dz never gets less than the floor: larger chunks
+# are faster (H100, 2026-11-25: 16 MiB 162.7 ms, 32 MiB 139.8 ms, 64 MiB 126.8 ms fw+bw).
+DEFAULT_WORK_BYTES = 56 * 2**20
+MIN_DZ_BYTES = 16 * 2**20
 
 
 @triton.jit
@@ -127,7 +130,8 @@ def backward(
 ):
     """Write ``dL/de`` into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)`` of the shard.
 
-    ``chunk_bytes`` bounds the ``[N, chunk]`` dz buffer (default `DEFAULT_DZ_BYTES`).
+    ``chunk_bytes`` bounds the ``[N, chunk]`` dz buffer (default: what `DEFAULT_WORK_BYTES` leaves
+    after the dE residual, at least `MIN_DZ_BYTES`).
     """
     n, (v, d) = layout.num_tokens, c.shape
     grad_c = torch.empty((v, d), dtype=c.dtype, device=c.device)
@@ -138,7 +142,11 @@ def backward(
 
     cfg = blocks()
     upcast, precision = upcast_tiles(c.dtype), dot_precision(c.dtype)
-    chunk = chunk_len(n, v, c.element_size(), cfg.v, chunk_bytes or DEFAULT_DZ_BYTES)
+    hi_lo = c.dtype != torch.float32 and not mode.accum_e_fp32
+    if chunk_bytes is None:
+        residual = n * d * c.element_size() if hi_lo else 0
+        chunk_bytes = max(MIN_DZ_BYTES, DEFAULT_WORK_BYTES - residual)
+    chunk = chunk_len(n, v, c.element_size(), cfg.v, chunk_bytes)
     token_blocks = triton.cdiv(n, cfg.n)
     dz = torch.empty((n, chunk), dtype=c.dtype, device=c.device)
     filtering = mode.filter_eps is not None
@@ -149,7 +157,7 @@ def backward(
     lo, acc_e = None, None
     if c.dtype == torch.float32:
         e_out, e_mode = grad_e3.zero_(), ADD
-    elif mode.accum_e_fp32:
+    elif not hi_lo:
         acc_e = torch.zeros((1, n, d), dtype=torch.float32, device=c.device)
         e_out, e_mode = acc_e, ADD
     else:

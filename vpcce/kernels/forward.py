@@ -77,15 +77,18 @@ def _cce_fwd_kernel(
         tile_arg = tl.argmax(tl.where(z != z, float("inf"), z), axis=1).to(tl.int32) + t * BLOCK_V
         arg = tl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
         m_new = tl.maximum(m, tile_max)
+        # -inf logits (a -inf bias masks vocabulary) weigh 0, as in the reference: while every
+        # logit so far is -inf, shift by 0, not m_new, so no (-inf) - (-inf) = NaN appears
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         # rescale the running sums to the new max; an empty running state (s = 0) stays 0
-        delta = tl.where(s > 0, m - m_new, 0.0)  # m = -inf while s = 0: avoid -inf * 0
-        alpha = tl.exp(m - m_new)
+        delta = tl.where(s > 0, m - m_ref, 0.0)  # m = -inf while s = 0: avoid -inf * 0
+        alpha = tl.exp(m - m_ref)
         x = alpha * (x + delta * s)
         s = s * alpha
-        zs = tl.where(v_mask[None, :], z - m_new[:, None], 0.0)
+        zs = tl.where(v_mask[None, :], z - m_ref[:, None], 0.0)
         p = tl.where(v_mask[None, :], tl.exp(zs), 0.0)
         s += tl.sum(p, axis=1)
-        x += tl.sum(p * zs, axis=1)
+        x += tl.sum(tl.where(p > 0, p * zs, 0.0), axis=1)  # p = 0 at z = -inf: not 0 * -inf
         sum_z += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
         # v_mask: a target owned by the next shard can equal a padding column (z = -inf there)
         hit = (v[None, :] == y_local[:, None]) & v_mask[None, :]
