@@ -116,16 +116,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         e_all = _hidden(e, cfg)
         grad_e_all, grad_layout = gradient_layout(e_all, targets, cfg.shift)
+        # the hidden-gradient reduction starts as soon as dE is final, overlapping what remains
+        # of the classifier gradient (the implementation says when: `grad_e_ready`)
+        pending = []
+        reduce = _distributed(cfg) and cfg.vp.reduce_e_grad
+
+        def grad_e_ready():
+            pending.append(collectives.start_hidden_grad_reduction(grad_e_all, cfg.vp))
+
         grad_c, grad_bias = cfg.backend.backward(
             make_layout(e_all, targets, cfg.shift), grad_layout.e3, c, bias,
             lse=lse, g_nll=g_nll, g_lse=g_lse, vocab_start=cfg.vocab_start,
             target_weight=1.0 - cfg.label_smoothing,
             uniform_weight=cfg.label_smoothing / cfg.vocab_size,
-            logit_scale=cfg.logit_scale, softcap=cfg.softcap, mode=cfg.mode, **cfg.extra(),
+            logit_scale=cfg.logit_scale, softcap=cfg.softcap, mode=cfg.mode,
+            grad_e_ready=grad_e_ready if reduce else None, **cfg.extra(),
         )
-        grad_e = grad_e_all
-        if _distributed(cfg) and cfg.vp.reduce_e_grad:
-            grad_e = collectives.reduce_hidden_grad(grad_e_all, cfg.vp)
+        grad_e = pending[0].wait() if reduce else grad_e_all
         return (
             grad_e if need_e else None,
             grad_c if need_c else None,

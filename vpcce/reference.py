@@ -13,6 +13,8 @@ states and ``[vocab chunk, D]`` for the classifier.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vpcce.layout import TokenLayout
@@ -131,13 +133,15 @@ def backward(
     softcap: float | None,
     mode: BackwardMode,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    grad_e_ready: Callable[[], None] | None = None,
 ):
     """Write ``dL/de`` for this shard into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)``.
 
     Per token ``n`` with upstream weights ``g_nll[n]`` (loss) and ``g_lse[n]`` (LSE output):
     ``dz[n, v] = (g_nll + g_lse) p[n, v] - g_nll (target_weight [v = y_n] + uniform_weight)``,
     then the softcap and logit_scale chain rule. The reference is always exact: ``mode`` is
-    accepted for interface parity and its filter is not applied.
+    accepted for interface parity and its filter is not applied. ``grad_e_ready`` is called once
+    ``grad_e3`` is final, which here is at the end (dE and dC come from the same loop).
     """
     del mode
     n, (v, d) = layout.num_tokens, c.shape
@@ -176,4 +180,6 @@ def backward(
         if grad_bias is not None:
             grad_bias[v0:v1] = acc_b
     grad_e3.copy_(grad_e.view(grad_e3.shape))
+    if grad_e_ready is not None:
+        grad_e_ready()
     return grad_c, grad_bias

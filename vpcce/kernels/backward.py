@@ -18,6 +18,8 @@ Chunks run in order and every output tile has one owner: no atomics, bitwise rep
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -127,8 +129,12 @@ def backward(
     softcap: float | None,
     mode: BackwardMode,
     chunk_bytes: int | None = None,
+    grad_e_ready: Callable[[], None] | None = None,
 ):
     """Write ``dL/de`` into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)`` of the shard.
+
+    ``grad_e_ready`` is called once ``grad_e3`` is final, before the last chunk's dC GEMM, so a
+    vocab-parallel caller can overlap the hidden-gradient reduction with it.
 
     ``chunk_bytes`` bounds the ``[N, chunk]`` dz buffer (default: what `DEFAULT_WORK_BYTES` leaves
     after the dE residual, at least `MIN_DZ_BYTES`).
@@ -138,6 +144,8 @@ def backward(
     grad_bias = None if bias is None else torch.empty_like(bias)
     if n == 0:
         grad_c.zero_()
+        if grad_e_ready is not None:
+            grad_e_ready()
         return grad_c, None if grad_bias is None else grad_bias.zero_()
 
     cfg = blocks()
@@ -187,6 +195,11 @@ def backward(
             blocks=(cfg.n, cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
             skip=skip if filtering and mode.filter_e_grad else None, skip_tile=(cfg.n, cfg.v), **gemm,
         )
+        if v0 + chunk >= v:  # dE is final
+            if acc_e is not None:
+                grad_e3.copy_(acc_e.view(grad_e3.shape))
+            if grad_e_ready is not None:
+                grad_e_ready()
         grad_matmul(
             dz_chunk.t(), layout.e3, grad_c[v0 : v0 + cl].unsqueeze(0), mode=STORE,
             blocks=(cfg.v, cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
@@ -194,6 +207,4 @@ def backward(
         )
         if dbias is not None:
             grad_bias[v0 : v0 + cl] = dbias[:, :cl].sum(dim=0)  # fixed-order reduction
-    if acc_e is not None:
-        grad_e3.copy_(acc_e.view(grad_e3.shape))
     return grad_c, grad_bias

@@ -108,18 +108,30 @@ def gather_tokens(local: torch.Tensor, opts: VocabParallelOptions) -> torch.Tens
     return out
 
 
-def reduce_hidden_grad(grad: torch.Tensor, opts: VocabParallelOptions) -> torch.Tensor:
-    """Sum the hidden-state gradient over the group, in ``opts.reduce_dtype``.
+class PendingReduction:
+    """An asynchronous hidden-gradient reduction; `wait` returns the reduced gradient."""
 
-    Returns the full gradient (all-reduce) or, under sequence parallelism, this rank's ``[n, ...]``
-    slice of it (reduce-scatter along dim 0).
+    def __init__(self, work, out: torch.Tensor, dtype: torch.dtype):
+        self._work, self._out, self._dtype = work, out, dtype
+
+    def wait(self) -> torch.Tensor:
+        self._work.wait()
+        return self._out.to(self._dtype)
+
+
+def start_hidden_grad_reduction(grad: torch.Tensor, opts: VocabParallelOptions) -> PendingReduction:
+    """Start summing the hidden-state gradient over the group, in ``opts.reduce_dtype``.
+
+    The result is the full gradient (all-reduce) or, under sequence parallelism, this rank's
+    ``[n, ...]`` slice of it (reduce-scatter along dim 0). The collective is asynchronous so the
+    caller can overlap it with the classifier-gradient work that remains.
     """
     world = world_size(opts)
     buf = grad.to(opts.reduce_dtype).contiguous()
     if opts.sequence_parallel:
         out = torch.empty((buf.shape[0] // world, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
-        _reduce_scatter(out, buf, group=opts.group)
+        work = _reduce_scatter(out, buf, group=opts.group, async_op=True)
     else:
-        dist.all_reduce(buf, group=opts.group)
+        work = dist.all_reduce(buf, group=opts.group, async_op=True)
         out = buf
-    return out.to(grad.dtype)
+    return PendingReduction(work, out, grad.dtype)
