@@ -1,15 +1,24 @@
-"""Vocab-parallel acceptance tests of the reference implementation (``impl="torch"``) on CPU gloo.
+"""Vocab-parallel acceptance tests on CPU gloo: the reference (``impl="torch"``) and the Triton
+kernels (``impl="triton"``, in Triton's CPU interpreter).
 
 Each world size W in (2, 3, 4) is one spawned group that runs every case of `CASES` (spawning costs
-seconds, a case milliseconds). Every rank returns its outputs and the gradients of its own inputs;
-the parent compares them with a single-process fp64 truth over the global vocabulary:
+seconds, a case milliseconds; a Triton case in the interpreter a fraction of a second). The Triton
+cases (``impl="triton"``, names ``triton_*``) repeat a representative subset of the reference cases
+with D = `D_TRITON` (one partial 64-wide hidden step of `INTERPRETER_BLOCKS`) or D = 64 (an even
+one); they run only where the parent has ``TRITON_INTERPRET=1`` (tests/conftest.py sets it without
+CUDA; the spawned ranks inherit the environment, and each rank reports whether its kernels really
+are interpreted). Every rank returns its outputs and the gradients of its own inputs; the parent
+compares them with a single-process fp64 truth over the global vocabulary:
 
 - loss, LSE, entropy: relative error <= 1e-6; every rank's loss and LSE bitwise equal;
 - dE (this rank's slice under sequence parallelism; summed over ranks when ``reduce_e_grad=False``),
   and the rank's dC / dbias shard against the matching rows of the global truth: <= 1e-5.
 
-Relative errors are ``max |x - truth| / max |truth|`` in fp64. Inputs are fp32. The shards are
-uneven (V = 301 over 2, 3 and 4 ranks) unless a case says otherwise.
+Relative errors are ``max |x - truth| / max |truth|`` in fp64. Inputs are fp32, except the bf16
+Triton cases (``dtype="bf16"``): their loss, LSE and entropy are held to `BF16_LOSS_TOL` and their
+gradients to `BF16_GRAD_TOL` against the single-process (no vocab parallelism) ``impl="triton"`` call
+on the same bf16 inputs, computed in the parent. The shards are uneven (V = 301 over 2, 3 and 4
+ranks) unless a case says otherwise.
 
 The same groups count collectives (torch.distributed functions and ProcessGroup methods, two
 independent counters): a repeated non-sequence-parallel call does exactly one in forward and one
@@ -18,6 +27,8 @@ independent counters): a repeated non-sequence-parallel call does exactly one in
 
 from __future__ import annotations
 
+import importlib
+import os
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -39,6 +50,12 @@ N_2D = 24  # tokens of the 2-D cases [N, D]
 EDGE_IDS = (0, 1, 75, 76, 77, 100, 101, 102, 150, 151, 152, 200, 201, 202, 225, 226, 227, 299, 300)
 LOSS_TOL = 1e-6  # fp32 loss, LSE and entropy against the fp64 truth
 GRAD_TOL = 1e-5  # fp32 gradients against the fp64 truth
+# bf16 inputs against the single-process impl="triton" result: loss, LSE and entropy are fp32
+# computations on exactly upcast inputs; the gradients are rounded to bf16 (dz, dE per rank)
+BF16_LOSS_TOL = 1e-5
+BF16_GRAD_TOL = 1e-2
+D_TRITON = 80  # hidden size of the Triton cases: 64 + 16, a partial step of INTERPRETER_BLOCKS.d
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 _ALL = dict(
     bias=True,
@@ -80,6 +97,61 @@ CASES = {
     "sp_skewed": dict(sp=True, layout="skewed", bias=True, return_lse=True),
     "sp_megatron": dict(sp=True, layout="megatron", label_smoothing=0.1, reduction="none"),
 }
+# The Triton path (CPU interpreter): reference cases repeated with impl="triton" and a D that
+# exercises the kernels' hidden-dimension steps; every option, both layouts of E (2-D and 3-D),
+# uneven / megatron / skewed (a one-row shard) / permuted shards, partial dE, SP on and off.
+_TRITON_FROM = {
+    "mean": {},
+    "sum": dict(d=64),
+    "none": dict(d=64),
+    "softcap": {},
+    "label_smoothing_none": {},
+    "ignored_sum": {},
+    "all_ignored": {},
+    "shift_2d": {},
+    "lse_none": {},
+    "all_mean": {},
+    "all_sum_2d": dict(d=64),
+    "all_none": {},
+    "megatron": {},
+    "skewed": {},
+    "permuted": {},
+    "partial_de_all": {},
+    "sp_mean": {},
+    "sp_all_none": {},
+    "sp_all_mean_2d": {},
+    "sp_shift_sum": dict(d=64),
+    "sp_megatron": {},
+}
+CASES.update(
+    {
+        f"triton_{name}": {**CASES[name], "impl": "triton", "d": D_TRITON, **extra}
+        for name, extra in _TRITON_FROM.items()
+    }
+)
+# backward in several vocabulary chunks of 64 rows: the dE reduction starts before the last
+# chunk's dC GEMM (`grad_e_ready`), overlapping it
+CASES["triton_chunked_all_none"] = dict(
+    _ALL, reduction="none", impl="triton", d=D_TRITON, chunk_bytes=64 * 4 * B * T
+)
+CASES["triton_sp_chunked_all_mean"] = dict(
+    _ALL, sp=True, impl="triton", d=D_TRITON, chunk_bytes=64 * 4 * B * T
+)
+# bf16: compared with the single-process impl="triton" call (see the module docstring)
+CASES["triton_bf16_all_mean"] = dict(_ALL, impl="triton", d=D_TRITON, dtype="bf16")
+CASES["triton_bf16_sp_all_none"] = dict(
+    _ALL, impl="triton", d=D_TRITON, dtype="bf16", sp=True, reduction="none"
+)
+
+
+def interpreting() -> bool:
+    """Whether this process runs Triton kernels in the CPU interpreter (the Triton cases need it)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def case_names() -> list[str]:
+    """The cases a group runs here: the Triton ones only under the interpreter."""
+    return [n for n, c in CASES.items() if c.get("impl", "torch") == "torch" or interpreting()]
 
 
 # ---- inputs, identical in the parent and in every rank (seeded CPU generator) ----
@@ -90,9 +162,11 @@ def make_inputs(case: dict) -> dict:
     g = torch.Generator().manual_seed(1234)
     vocab = V_MEGATRON if case.get("layout") == "megatron" else V
     lead = (B, T) if case.get("dims", 3) == 3 else (N_2D,)
-    e = torch.randn(*lead, D, generator=g)
-    c = 0.3 * torch.randn(vocab, D, generator=g)
-    bias = 0.5 * torch.randn(vocab, generator=g)
+    d = case.get("d", D)
+    dtype = DTYPES[case.get("dtype", "fp32")]
+    e = torch.randn(*lead, d, generator=g).to(dtype)
+    c = (0.3 * (D / d) ** 0.5 * torch.randn(vocab, d, generator=g)).to(dtype)  # logits std ~1.2
+    bias = (0.5 * torch.randn(vocab, generator=g)).to(dtype)
     targets = torch.randint(0, vocab, lead, generator=g)
     flat = targets.view(-1)
     flat[: len(EDGE_IDS)] = torch.tensor(EDGE_IDS)
@@ -231,10 +305,11 @@ def run_case(rank: int, world: int, case: dict) -> dict:
         c,
         data["targets"],
         bias,
-        impl="torch",
+        impl=case.get("impl", "torch"),
         vocab_parallel_options=vp,
         return_lse=case.get("return_lse", False),
         return_stats=True,
+        chunk_bytes=case.get("chunk_bytes"),
         **loss_options(case),
     )
     loss, *rest, stats = out
@@ -353,7 +428,19 @@ COUNTED = {
     "count_lse": (dict(return_lse=True, reduction="none", ignore_index=-7), (2, 1), 1),
     "count_partial_de": (dict(reduce_e_grad=False, ignore_index=-7), (2, 1), 0),
     "count_sp": (dict(sp=True, ignore_index=-7), (3, 2), 2),
+    # the Triton backward starts the same one dE reduction (from its `grad_e_ready` callback)
+    "count_plain_triton": (dict(bias=True, ignore_index=-7, impl="triton", d=64), (2, 1), 1),
+    "count_partial_de_triton": (
+        dict(reduce_e_grad=False, ignore_index=-7, impl="triton", d=64),
+        (2, 1),
+        0,
+    ),
+    "count_sp_triton": (dict(sp=True, ignore_index=-7, impl="triton", d=64), (3, 2), 2),
 }
+
+
+def counted_names() -> list[str]:
+    return [n for n, s in COUNTED.items() if s[0].get("impl", "torch") == "torch" or interpreting()]
 
 
 def count_case(rank: int, world: int, case: dict) -> list[dict]:
@@ -372,7 +459,7 @@ def count_case(rank: int, world: int, case: dict) -> list[dict]:
                 c,
                 data["targets"],
                 bias,
-                impl="torch",
+                impl=case.get("impl", "torch"),
                 vocab_parallel_options=vp,
                 return_lse=case.get("return_lse", False),
                 **loss_options(case),
@@ -387,21 +474,82 @@ def count_case(rank: int, world: int, case: dict) -> list[dict]:
     return calls
 
 
-def rank_main(rank: int, world: int, case_names: list[str]) -> dict:
+def triton_runs_interpreted() -> bool:
+    """The kernels this process launches are Triton's interpreter functions (TRITON_INTERPRET was
+    set before triton was imported), not compiled ones."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # by module name: the package vpcce.kernels binds the function `backward` over its submodule
+    forward = importlib.import_module("vpcce.kernels.forward")
+    backward = importlib.import_module("vpcce.kernels.backward")
+    kernels = (forward._cce_fwd_kernel, backward._cce_dlogits_kernel)
+    return all(isinstance(k, InterpretedFunction) for k in kernels)
+
+
+def rank_main(rank: int, world: int, case_names: list[str], counted: list[str]) -> dict:
     assert torch.get_num_threads() == 1
+    triton_cases = any(CASES[n].get("impl") == "triton" for n in case_names)
+    # a rank without the interpreter would fail (or, on a GPU host, compile): say why up front
+    assert not triton_cases or (interpreting() and triton_runs_interpreted()), (
+        f"rank {rank}: Triton cases need the interpreter in the spawned ranks; "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}"
+    )
     results = {name: run_case(rank, world, CASES[name]) for name in case_names}
-    counts = {name: count_case(rank, world, spec[0]) for name, spec in COUNTED.items()}
-    return dict(cases=results, counts=counts)
+    counts = {name: count_case(rank, world, COUNTED[name][0]) for name in counted}
+    return dict(
+        cases=results,
+        counts=counts,
+        interpreted=triton_runs_interpreted() if triton_cases else None,
+    )
 
 
 # ---- checks in the parent ----
 
 
+def single_process(case: dict, data: dict) -> dict:
+    """The case's plain call (global vocabulary, no vocab parallelism) in this process."""
+    e = data["e"].clone().requires_grad_()
+    c = data["c"].clone().requires_grad_()
+    bias = None if data["bias"] is None else data["bias"].clone().requires_grad_()
+    loss, lse, stats = linear_cross_entropy(
+        e,
+        c,
+        data["targets"],
+        bias,
+        impl=case.get("impl", "torch"),
+        return_lse=True,
+        return_stats=True,
+        chunk_bytes=case.get("chunk_bytes"),
+        **loss_options(case),
+    )
+    objective = (loss * data["w_loss"]).sum()
+    if data["w_lse"] is not None:
+        objective = objective + (lse * data["w_lse"]).sum()
+    objective.backward()
+    return dict(
+        loss=loss.detach(),
+        lse=lse.detach(),
+        entropy=stats.entropy,
+        de=e.grad,
+        dc=c.grad,
+        db=None if bias is None else bias.grad,
+    )
+
+
 def check_case(name: str, world: int, ranks: list[dict]) -> list[str]:
-    """Every mismatch of one case against the fp64 truth, as readable lines."""
+    """Every mismatch of one case against the fp64 truth, as readable lines.
+
+    bf16 cases: loss, LSE, entropy and the gradients against the single-process call of the same
+    implementation instead (`BF16_LOSS_TOL`, `BF16_GRAD_TOL`); argmax still against the truth.
+    """
     case = CASES[name]
     data = make_inputs(case)
     ref = truth(case, data)
+    if case.get("dtype", "fp32") == "fp32":
+        exp, loss_tol, grad_tol = ref, LOSS_TOL, GRAD_TOL
+    else:
+        assert case.get("reduce_e_grad", True), "bf16 cases compare reduced dE only"
+        exp, loss_tol, grad_tol = single_process(case, data), BF16_LOSS_TOL, BF16_GRAD_TOL
     bad = []
 
     def expect(what, err, tol):
@@ -416,23 +564,23 @@ def check_case(name: str, world: int, ranks: list[dict]) -> list[str]:
             )
             continue
         start, stop = expected
-        expect(f"rank {r} loss", rel_err(out["loss"], ref["loss"]), LOSS_TOL)
-        expect(f"rank {r} entropy", rel_err(out["entropy"], ref["entropy"]), LOSS_TOL)
+        expect(f"rank {r} loss", rel_err(out["loss"], exp["loss"]), loss_tol)
+        expect(f"rank {r} entropy", rel_err(out["entropy"], exp["entropy"]), loss_tol)
         if case.get("return_lse"):
-            expect(f"rank {r} lse", rel_err(out["lse"], ref["lse"]), LOSS_TOL)
+            expect(f"rank {r} lse", rel_err(out["lse"], exp["lse"]), loss_tol)
         # argmax: exact, except where fp32 cannot tell two logits apart
         z = ref["z"].reshape(-1, ref["z"].shape[-1])
         got, want = out["argmax"].reshape(-1), ref["argmax"].reshape(-1)
         gap = z.gather(1, want[:, None]) - z.gather(1, got.clamp(0, z.shape[1] - 1)[:, None])
         if ((got != want) & ~(gap.squeeze(1) <= 1e-5)).any():
             bad.append(f"{name} W={world} rank {r} argmax differs from the truth beyond ties")
-        expect(f"rank {r} dC shard", rel_err(out["dc"], ref["dc"][start:stop]), GRAD_TOL)
+        expect(f"rank {r} dC shard", rel_err(out["dc"], exp["dc"][start:stop]), grad_tol)
         if case.get("bias"):
-            expect(f"rank {r} dbias shard", rel_err(out["db"], ref["db"][start:stop]), GRAD_TOL)
+            expect(f"rank {r} dbias shard", rel_err(out["db"], exp["db"][start:stop]), grad_tol)
         if case.get("sp"):
-            expect(f"rank {r} dE slice", rel_err(out["de"], ref["de"].chunk(world, 0)[r]), GRAD_TOL)
+            expect(f"rank {r} dE slice", rel_err(out["de"], exp["de"].chunk(world, 0)[r]), grad_tol)
         elif case.get("reduce_e_grad", True):
-            expect(f"rank {r} dE", rel_err(out["de"], ref["de"]), GRAD_TOL)
+            expect(f"rank {r} dE", rel_err(out["de"], exp["de"]), grad_tol)
         else:  # this rank's partial: its shard's logits' gradient times its classifier rows
             # (dz_raw is the gradient w.r.t. e @ c.T + b: scale and softcap are inside it)
             part = torch.zeros_like(ref["de"])
@@ -451,11 +599,17 @@ def check_case(name: str, world: int, ranks: list[dict]) -> list[str]:
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_vocab_parallel_matches_fp64_truth(world):
-    ranks = run_ranks(rank_main, world, list(CASES), timeout=240)
+    names, counted = case_names(), counted_names()
+    ranks = run_ranks(rank_main, world, names, counted, timeout=240)
     bad = []
-    for name in CASES:
+    if any(CASES[n].get("impl") == "triton" for n in names):
+        for r, out in enumerate(ranks):
+            if out["interpreted"] is not True:
+                bad.append(f"W={world} rank {r}: the Triton kernels did not run interpreted")
+    for name in names:
         bad += check_case(name, world, [r["cases"][name] for r in ranks])
-    for name, (_, (first, repeat), backward) in COUNTED.items():
+    for name in counted:
+        _, (first, repeat), backward = COUNTED[name]
         for r, out in enumerate(ranks):
             want = [dict(forward=first, backward=backward), dict(forward=repeat, backward=backward)]
             got = [
