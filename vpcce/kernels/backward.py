@@ -11,7 +11,8 @@ logits-sized buffer, bounded by ``chunk_bytes``):
    per-token-block column sums of ``dz`` (bias gradient) and, when filtering, one flag per
    ``[BLOCK_N, BLOCK_V]`` tile whose every ``|p - q|`` is below ``filter_eps``;
 2. ``dE += dz @ C[chunk]`` (hi/lo 16-bit pair, or fp32 accumulator when asked / for fp32 inputs);
-3. ``dC[chunk] = dz^T @ E``, accumulated in fp32 registers over all tokens and written once.
+3. ``dC[chunk] = dz^T @ E``, accumulated in fp32 registers over all tokens and written once
+   (cuBLAS when the hidden states form one plain matrix on CUDA and dC is not filtered).
 
 Chunks run in order and every output tile has one owner: no atomics, bitwise reproducible.
 """
@@ -107,6 +108,22 @@ def _cce_dlogits_kernel(
         tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
 
 
+def _cublas_operand(e3: torch.Tensor, skip_filter: bool) -> torch.Tensor | None:
+    """``[N, D]`` view of the hidden states for cuBLAS's dC GEMM, or None to use `grad_matmul`.
+
+    ``dC[chunk] = dz^T @ E`` has no accumulation across chunks, so cuBLAS (fp32 accumulation,
+    one bf16 write, deterministic) can take it: 0.068 ms vs 0.20 ms for `grad_matmul` per
+    8192 x 2304 x 1280 chunk on the H100 (2026-11-25). Needs CUDA, no tile filter for dC, and a
+    token layout that is one plain matrix (shift > 0 leaves a gap between sequences).
+    """
+    if e3.device.type != "cuda" or skip_filter:
+        return None
+    b, t, d = e3.shape
+    if e3.stride(2) != 1 or (b > 1 and e3.stride(0) != t * e3.stride(1)):
+        return None  # torch.mm would copy E
+    return e3.reshape(b * t, d)  # a view: checked above
+
+
 def chunk_len(num_tokens: int, vocab: int, element_size: int, tile: int, dz_bytes: int) -> int:
     """Vocabulary rows per chunk: a multiple of ``tile`` with ``[N, chunk]`` within ``dz_bytes``."""
     rows = dz_bytes // max(num_tokens * element_size, 1)
@@ -173,7 +190,8 @@ def backward(
         e_out, e_mode = grad_e3.zero_(), HI_LO
 
     bias_arg = bias if bias is not None else c
-    gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.stages}
+    gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.gemm_stages}
+    e2d = _cublas_operand(layout.e3, skip_filter=filtering and mode.filter_c_grad)
     for v0 in range(0, v, chunk):
         cl = min(chunk, v - v0)
         _cce_dlogits_kernel[(token_blocks, triton.cdiv(cl, cfg.v))](
@@ -200,11 +218,15 @@ def backward(
                 grad_e3.copy_(acc_e.view(grad_e3.shape))
             if grad_e_ready is not None:
                 grad_e_ready()
-        grad_matmul(
-            dz_chunk.t(), layout.e3, grad_c[v0 : v0 + cl].unsqueeze(0), mode=STORE,
-            blocks=(cfg.v, cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
-            skip=skip.t() if filtering and mode.filter_c_grad else None, skip_tile=(cfg.v, cfg.n), **gemm,
-        )
+        if e2d is not None:
+            torch.mm(dz_chunk.t(), e2d, out=grad_c[v0 : v0 + cl])
+        else:
+            grad_matmul(
+                dz_chunk.t(), layout.e3, grad_c[v0 : v0 + cl].unsqueeze(0), mode=STORE,
+                blocks=(cfg.v, cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
+                skip=skip.t() if filtering and mode.filter_c_grad else None,
+                skip_tile=(cfg.v, cfg.n), **gemm,
+            )
         if dbias is not None:
             grad_bias[v0 : v0 + cl] = dbias[:, :cl].sum(dim=0)  # fixed-order reduction
     return grad_c, grad_bias
