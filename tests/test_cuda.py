@@ -27,8 +27,9 @@ def _rel(a, b):
 @pytest.mark.parametrize(
     "kw",
     [{}, {"shift": 1, "label_smoothing": 0.1}, {"softcap": 15.0, "logit_scale": 0.5},
-     {"reduction": "none"}, {"chunk_bytes": 1 << 16}, {"accum_e_fp32": True}],
-    ids=["plain", "shift-ls", "softcap-scale", "none", "chunks", "accum-e"],
+     {"reduction": "none"}, {"chunk_bytes": 1 << 16}, {"accum_e_fp32": True},
+     {"filter_eps": 1e-7}],
+    ids=["plain", "shift-ls", "softcap-scale", "none", "chunks", "accum-e", "filter"],
 )
 def test_triton_matches_reference(dtype, kw):
     torch.manual_seed(0)
