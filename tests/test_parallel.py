@@ -16,9 +16,10 @@ compares them with a single-process fp64 truth over the global vocabulary:
 
 Relative errors are ``max |x - truth| / max |truth|`` in fp64. Inputs are fp32, except the bf16
 Triton cases (``dtype="bf16"``): their loss, LSE and entropy are held to `BF16_LOSS_TOL` and their
-gradients to `BF16_GRAD_TOL` against the single-process (no vocab parallelism) ``impl="triton"`` call
-on the same bf16 inputs, computed in the parent. The shards are uneven (V = 301 over 2, 3 and 4
-ranks) unless a case says otherwise.
+gradients to `BF16_GRAD_TOL` against the single-process (no vocab parallelism) ``impl="triton"``
+call on the same bf16 inputs, computed in the parent; their loss, LSE and entropy also to the fp64
+truth of those inputs within the fp32 bound. The shards are uneven (V = 301 over 2, 3 and 4 ranks)
+unless a case says otherwise. Every rank also reports which implementation's functions ran.
 
 The same groups count collectives (torch.distributed functions and ProcessGroup methods, two
 independent counters): a repeated non-sequence-parallel call does exactly one in forward and one
@@ -145,7 +146,7 @@ CASES["triton_bf16_sp_all_none"] = dict(
 
 
 def interpreting() -> bool:
-    """Whether this process runs Triton kernels in the CPU interpreter (the Triton cases need it)."""
+    """Whether this process runs Triton kernels in the interpreter (the Triton cases need it)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
