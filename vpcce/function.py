@@ -115,14 +115,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g_lse = None if grad_lse is None else grad_lse.reshape(-1).to(lse.dtype)
 
         e_all = _hidden(e, cfg)
-        grad_e_all, grad_layout = gradient_layout(e_all, targets, cfg.shift)
+        reduce = _distributed(cfg) and cfg.vp.reduce_e_grad
+        # A reduced gradient is accumulated directly in the reduction dtype, so an fp32 reduction
+        # sums unrounded partials (and the implementation needs no 16-bit hi/lo residual).
+        grad_dtype = cfg.vp.reduce_dtype if reduce else e.dtype
+        grad_e_all, grad_layout = gradient_layout(e_all, targets, cfg.shift, grad_dtype)
         # the hidden-gradient reduction starts as soon as dE is final, overlapping what remains
         # of the classifier gradient (the implementation says when: `grad_e_ready`)
         pending = []
-        reduce = _distributed(cfg) and cfg.vp.reduce_e_grad
 
         def grad_e_ready():
-            pending.append(collectives.start_hidden_grad_reduction(grad_e_all, cfg.vp))
+            pending.append(collectives.start_hidden_grad_reduction(grad_e_all, cfg.vp, e.dtype))
 
         grad_c, grad_bias = cfg.backend.backward(
             make_layout(e_all, targets, cfg.shift), grad_layout.e3, c, bias,

@@ -46,9 +46,16 @@ def make_layout(e: torch.Tensor, targets: torch.Tensor, shift: int) -> TokenLayo
     return TokenLayout(e3, y2, (*e.shape[:-2], t - shift))
 
 
-def gradient_layout(e: torch.Tensor, targets: torch.Tensor, shift: int) -> tuple[torch.Tensor, TokenLayout]:
-    """A fresh contiguous gradient for ``e`` and its token views; unpaired positions stay zero."""
-    grad_e = torch.zeros_like(e, memory_format=torch.contiguous_format) if shift else torch.empty(
-        e.shape, dtype=e.dtype, device=e.device
-    )
+def gradient_layout(
+    e: torch.Tensor, targets: torch.Tensor, shift: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, TokenLayout]:
+    """A fresh contiguous gradient for ``e`` (in ``dtype``, default e's) and its token views.
+
+    Positions that ``shift`` leaves unpaired stay zero.
+    """
+    dtype = dtype or e.dtype
+    if shift:
+        grad_e = torch.zeros(e.shape, dtype=dtype, device=e.device)
+    else:
+        grad_e = torch.empty(e.shape, dtype=dtype, device=e.device)
     return grad_e, make_layout(grad_e, targets, shift)

@@ -167,7 +167,9 @@ def backward(
 
     cfg = blocks()
     upcast, precision = upcast_tiles(c.dtype), dot_precision(c.dtype)
-    hi_lo = c.dtype != torch.float32 and not mode.accum_e_fp32
+    # dE accumulates over chunks: in place when grad_e3 is fp32 (fp32 inputs, or a vocab-parallel
+    # fp32 reduction buffer), else a hi/lo 16-bit pair or, when asked, an fp32 buffer
+    hi_lo = grad_e3.dtype != torch.float32 and not mode.accum_e_fp32
     if chunk_bytes is None:
         residual = n * d * c.element_size() if hi_lo else 0
         chunk_bytes = max(MIN_DZ_BYTES, DEFAULT_WORK_BYTES - residual)
@@ -178,9 +180,8 @@ def backward(
     skip = torch.empty((token_blocks, triton.cdiv(chunk, cfg.v)), dtype=torch.int8, device=c.device) if filtering else None
     dbias = torch.empty((token_blocks, chunk), dtype=torch.float32, device=c.device) if bias is not None else None
 
-    # dE accumulates over chunks: in place for fp32, else a hi/lo 16-bit pair or an fp32 buffer
     lo, acc_e = None, None
-    if c.dtype == torch.float32:
+    if grad_e3.dtype == torch.float32:
         e_out, e_mode = grad_e3.zero_(), ADD
     elif not hi_lo:
         acc_e = torch.zeros((1, n, d), dtype=torch.float32, device=c.device)

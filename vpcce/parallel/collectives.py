@@ -119,11 +119,14 @@ class PendingReduction:
         return self._out.to(self._dtype)
 
 
-def start_hidden_grad_reduction(grad: torch.Tensor, opts: VocabParallelOptions) -> PendingReduction:
+def start_hidden_grad_reduction(
+    grad: torch.Tensor, opts: VocabParallelOptions, out_dtype: torch.dtype
+) -> PendingReduction:
     """Start summing the hidden-state gradient over the group, in ``opts.reduce_dtype``.
 
-    The result is the full gradient (all-reduce) or, under sequence parallelism, this rank's
-    ``[n, ...]`` slice of it (reduce-scatter along dim 0). The collective is asynchronous so the
+    The result, in ``out_dtype``, is the full gradient (all-reduce) or, under sequence
+    parallelism, this rank's ``[n, ...]`` slice of it (reduce-scatter along dim 0). A ``grad``
+    already in ``opts.reduce_dtype`` is reduced in place of a copy. The collective is asynchronous so the
     caller can overlap it with the classifier-gradient work that remains.
     """
     world = world_size(opts)
@@ -134,4 +137,4 @@ def start_hidden_grad_reduction(grad: torch.Tensor, opts: VocabParallelOptions) 
     else:
         work = dist.all_reduce(buf, group=opts.group, async_op=True)
         out = buf
-    return PendingReduction(work, out, grad.dtype)
+    return PendingReduction(work, out, out_dtype)

@@ -1,0 +1,269 @@
+"""Rank-side half of tests/test_megatron.py: a small Megatron GPTModel on CPU gloo, run once with
+Megatron's own loss and once with vpcce's, on the same parameters and inputs.
+
+`run_cases(rank, world, megatron_path, names)` puts ``megatron_path`` first on ``sys.path`` (one
+megatron-core version per spawned group), applies the CPU stand-ins below, initializes Megatron's
+model parallelism with TP = ``world`` and returns, per case, the errors of vpcce's path against
+Megatron's on this rank (loss, logits, every parameter gradient, the decoder-output gradient,
+main_grad, MTP logging) plus whatever the parent checks exactly.
+
+CPU stand-ins, applied in these test processes only (the library patches nothing):
+- ``torch.cuda.current_device()`` returns ``"cpu"`` (Megatron allocates its sequence-parallel and
+  dummy-gradient buffers there);
+- the CUDA RNG tracker's ``fork()`` is a no-op context (dropout is off in every case);
+- ``WrappedTorchNorm`` builds a plain ``torch.nn.LayerNorm`` under sequence parallelism too (Megatron
+  refuses it because torch's LayerNorm does not mark its weights for the sequence-parallel
+  gradient all-reduce; both paths compared here share the same norms, so it cannot matter);
+- gradient-accumulation fusion's ``fused_weight_gradient_mlp_cuda`` is a matmul into ``main_grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+
+import torch
+
+B, S, H, HEADS = 2, 8, 32, 4  # batch, sequence (divisible by TP for sequence parallel), hidden
+SEED = 1234
+
+# name -> settings. vocab: the model's (padded) vocabulary; labels lie in [0, true_vocab), so the
+# padded rows take part in the softmax only. path: "patch" (patch(model)), "hook"
+# (output_processor), "hook+patch". tied: the embedding weight is the output weight.
+_BASE = dict(sp=False, tied=False, mtp=0, vocab=256, true_vocab=250, path="patch", mup=False,
+             fusion=None, logits=False, eval=False, gather=None)
+CASES = {
+    "plain": {},
+    "sp": dict(sp=True),
+    "tied": dict(tied=True),
+    "sp_tied": dict(sp=True, tied=True),
+    "mtp": dict(mtp=1),
+    "sp_mtp": dict(sp=True, mtp=1),
+    "tied_mtp": dict(tied=True, mtp=1),
+    "sp_tied_mtp": dict(sp=True, tied=True, mtp=1),
+    "odd_vocab": dict(vocab=130, true_vocab=127, sp=True, tied=True),  # 65 rows per rank
+    "eval": dict(eval=True, sp=True, mtp=1),
+    "logits": dict(logits=True, sp=True, tied=True),
+    "logits_gathered": dict(logits=True, gather=True),
+    # gradient-accumulation fusion: main_grad with grad_added_to_main_grad (dummy .grad), with
+    # zero_out_wgrad (zero .grad), and a main_grad without the flag (no .grad)
+    "fusion": dict(fusion="flag", sp=True, mtp=1),
+    "fusion_zero_out": dict(fusion="zero_out"),
+    "fusion_no_flag": dict(fusion="no_flag", sp=True),
+}
+# megatron-core >= 0.18: the output_processor hook and MuP's output multiplier
+HOOK_CASES = {
+    "hook": dict(path="hook"),
+    "hook_sp_tied": dict(path="hook", sp=True, tied=True),
+    "hook_patch_sp_tied_mtp": dict(path="hook+patch", sp=True, tied=True, mtp=1),
+    "hook_logits": dict(path="hook", logits=True, sp=True),
+    "hook_mup": dict(path="hook", mup=True, sp=True),
+    "mup_mtp": dict(mup=True, tied=True, mtp=1),
+}
+
+
+def _cpu_stand_ins() -> None:
+    torch.cuda.current_device = lambda: "cpu"
+    from megatron.core.tensor_parallel import layers, random
+    from megatron.core.transformer import torch_norm
+
+    random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+
+    def torch_layer_norm(cls, config, hidden_size, eps=1e-5, **_):
+        return torch.nn.LayerNorm(hidden_size, eps=eps)
+
+    torch_norm.WrappedTorchNorm.__new__ = torch_layer_norm
+
+    def wgrad_accum(total_input, grad_output, main_grad):
+        x = total_input.reshape(-1, total_input.shape[-1])
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        main_grad.add_(g.t() @ x)
+
+    layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
+        wgrad_gemm_accum_fp32=wgrad_accum, wgrad_gemm_accum_fp16=wgrad_accum
+    )
+
+
+def _build(case: dict, world: int):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    extra = dict(use_mup=True, mup_base_hidden_size=H // 2) if case["mup"] else {}
+    config = TransformerConfig(
+        num_layers=1, hidden_size=H, num_attention_heads=HEADS, use_cpu_initialization=True,
+        tensor_model_parallel_size=world, sequence_parallel=case["sp"],
+        mtp_num_layers=case["mtp"] or None, hidden_dropout=0.0, attention_dropout=0.0, **extra,
+    )
+    spec = get_gpt_layer_local_spec()
+    mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False) if case["mtp"] else None
+    torch.manual_seed(SEED)
+    return GPTModel(
+        config, spec, vocab_size=case["vocab"], max_sequence_length=S,
+        share_embeddings_and_output_weights=case["tied"], mtp_block_spec=mtp,
+    )
+
+
+def _output_weight(model):
+    return model.shared_embedding_or_output_weight()
+
+
+def _set_main_grad(model, mode):
+    """Megatron DDP's view of the output weight under gradient-accumulation fusion."""
+    model.output_layer.gradient_accumulation_fusion = True
+    w = _output_weight(model)
+    w.main_grad = torch.zeros(w.shape, dtype=torch.float32)
+    if mode in ("flag", "zero_out"):
+        w.grad_added_to_main_grad = False
+    elif hasattr(w, "grad_added_to_main_grad"):
+        del w.grad_added_to_main_grad
+    w.zero_out_wgrad = mode == "zero_out"
+
+
+def _mtp_tracker():
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    return MTPLossLoggingHelper.tracker
+
+
+def _step(model, case, inputs, kwargs):
+    """One forward (+ backward with fixed per-token weights); what the comparison needs."""
+    ids, pos, mask, labels, weights = inputs
+    tracker = _mtp_tracker()
+    for key in ("loss_values", "correct_values", "total_values"):
+        if key in tracker:
+            tracker[key].zero_()
+    model.zero_grad(set_to_none=True)
+    if case["fusion"]:
+        _set_main_grad(model, case["fusion"])
+    captured = {}
+
+    def keep_grad(_module, _args, out):
+        out.register_hook(lambda g: captured.__setitem__("hidden", g.clone()))
+
+    handle = model.decoder.register_forward_hook(keep_grad)
+    try:
+        if case["logits"]:
+            with torch.no_grad():
+                out = model(ids, pos, mask, labels=None, runtime_gather_output=case["gather"],
+                            **kwargs)
+            return {"logits": out}
+        if case["eval"]:
+            model.eval()
+            with torch.no_grad():
+                out = model(ids, pos, mask, labels=labels, **kwargs)
+            model.train()
+            return {"loss": out}
+        out = model(ids, pos, mask, labels=labels, **kwargs)
+        (out * weights).sum().backward()
+    finally:
+        handle.remove()
+    w = _output_weight(model)
+    result = {
+        "loss": out.detach(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "hidden": captured["hidden"],
+        "mtp": {k: v.clone() for k, v in tracker.items() if isinstance(v, torch.Tensor)},
+    }
+    if case["fusion"]:
+        result["main_grad"] = w.main_grad.clone()
+        result["flag"] = getattr(w, "grad_added_to_main_grad", None)
+        result["out_grad"] = None if w.grad is None else w.grad.clone()
+    return result
+
+
+def _rel(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    return float((x - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def _compare(ref: dict, got: dict, case: dict) -> dict:
+    if case["logits"]:
+        return {"logits": _rel(got["logits"], ref["logits"]),
+                "shape": (tuple(got["logits"].shape), tuple(ref["logits"].shape))}
+    out = {"loss": _rel(got["loss"], ref["loss"]), "dtype": str(got["loss"].dtype),
+           "shape": (tuple(got["loss"].shape), tuple(ref["loss"].shape))}
+    if case["eval"]:
+        return out
+    out["params"] = (sorted(got["grads"]), sorted(ref["grads"]))
+    out["grads"] = {n: _rel(got["grads"][n], g) for n, g in ref["grads"].items() if n in got["grads"]}
+    out["hidden"] = _rel(got["hidden"], ref["hidden"])
+    out["mtp"] = {k: (got["mtp"][k].tolist(), v.tolist()) for k, v in ref["mtp"].items()}
+    if case["fusion"]:
+        out["main_grad"] = _rel(got["main_grad"], ref["main_grad"])
+        out["flag"] = (got["flag"], ref["flag"])
+        out["out_grad"] = [None if g is None else (tuple(g.shape), bool((g == 0).all()))
+                           for g in (got["out_grad"], ref["out_grad"])]
+    return out
+
+
+def _run_case(case: dict, world: int) -> dict:
+    from vpcce.integrations import megatron as vm
+
+    case = {**_BASE, **case}
+    model = _build(case, world)
+    g = torch.Generator().manual_seed(SEED + 1)
+    ids = torch.randint(0, case["true_vocab"], (B, S), generator=g)
+    labels = torch.randint(0, case["true_vocab"], (B, S), generator=g)
+    weights = torch.rand(B, S, generator=g)
+    pos = torch.arange(S)[None].expand(B, S)
+    mask = torch.ones(1, 1, S, S, dtype=torch.bool).triu(1)
+    inputs = (ids, pos, mask, labels, weights)
+
+    ref = _step(model, case, inputs, {})
+    keys = sorted(model.state_dict())
+    kwargs = {}
+    if "patch" in case["path"]:
+        vm.patch(model)
+    if "hook" in case["path"]:
+        kwargs["output_processor"] = vm.output_processor
+    got = _step(model, case, inputs, kwargs)
+    result = _compare(ref, got, case)
+    result["state_dict_unchanged"] = sorted(model.state_dict()) == keys
+    result["layer"] = type(model.output_layer).__name__
+    return result
+
+
+def _refusals(world: int) -> dict:
+    """Each refused setting -> (exception type, message) raised by the integration."""
+    from vpcce.integrations import megatron as vm
+
+    out = {}
+    case = {**_BASE}
+    model = _build(case, world)
+    try:
+        vm.patch(model, reduction="sum")
+    except Exception as exc:  # noqa: BLE001 - the type is what the parent checks
+        out["unknown_option"] = (type(exc).__name__, str(exc))
+    model.config.defer_embedding_wgrad_compute = True
+    try:
+        vm.patch(model)
+    except Exception as exc:  # noqa: BLE001
+        out["defer_embedding_wgrad_compute"] = (type(exc).__name__, str(exc))
+    try:
+        vm.patch(torch.nn.Linear(2, 2))
+    except Exception as exc:  # noqa: BLE001
+        out["not_a_model"] = (type(exc).__name__, str(exc))
+    return out
+
+
+def run_cases(rank: int, world: int, megatron_path: str | None, names: list[str]) -> dict:
+    if megatron_path is not None:
+        sys.path.insert(0, megatron_path)
+    import megatron.core
+    from megatron.core import parallel_state
+
+    _cpu_stand_ins()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    try:
+        results = {"version": megatron.core.__version__, "file": megatron.core.__file__}
+        for name in names:
+            results[name] = _run_case({**CASES, **HOOK_CASES}[name], world)
+        results["refusals"] = _refusals(world)
+        return results
+    finally:
+        parallel_state.destroy_model_parallel()
