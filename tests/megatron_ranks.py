@@ -20,6 +20,7 @@ CPU stand-ins, applied in these test processes only (the library patches nothing
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import types
 
@@ -143,7 +144,8 @@ def _step(model, case, inputs, kwargs):
     captured = {}
 
     def keep_grad(_module, _args, out):
-        out.register_hook(lambda g: captured.__setitem__("hidden", g.clone()))
+        if out.requires_grad:
+            out.register_hook(lambda g: captured.__setitem__("hidden", g.clone()))
 
     handle = model.decoder.register_forward_hook(keep_grad)
     try:
@@ -251,18 +253,26 @@ def _refusals(world: int) -> dict:
     return out
 
 
-def run_cases(rank: int, world: int, megatron_path: str | None, names: list[str]) -> dict:
+def run_cases(rank: int, world: int, megatron_path: str | None) -> dict:
+    """Every case (the hook cases where GPTModel.forward has ``output_processor``) on this rank."""
     if megatron_path is not None:
         sys.path.insert(0, megatron_path)
     import megatron.core
     from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
 
     _cpu_stand_ins()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    cases = dict(CASES)
+    if "output_processor" in inspect.signature(GPTModel.forward).parameters:
+        cases.update(HOOK_CASES)
     try:
         results = {"version": megatron.core.__version__, "file": megatron.core.__file__}
-        for name in names:
-            results[name] = _run_case({**CASES, **HOOK_CASES}[name], world)
+        for name, case in cases.items():
+            try:
+                results[name] = _run_case(case, world)
+            except Exception as exc:
+                raise RuntimeError(f"case {name!r} failed") from exc
         results["refusals"] = _refusals(world)
         return results
     finally:

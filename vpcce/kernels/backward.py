@@ -25,7 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels.common import blocks, dot_precision, logits_tile, row_offsets, upcast_tiles
+from vpcce.kernels.common import (
+    blocks,
+    dot_precision,
+    logits_tile,
+    plain_matrix,
+    row_offsets,
+    tma_descriptor,
+    upcast_tiles,
+)
 from vpcce.kernels.matmul import ADD, HI_LO, STORE, grad_matmul
 from vpcce.layout import TokenLayout
 from vpcce.modes import BackwardMode
@@ -41,8 +49,8 @@ MIN_DZ_BYTES = 16 * 2**20
 @triton.jit
 def _cce_dlogits_kernel(
     # pointers
-    e_ptr,  # [B, T', D] hidden states (strided view)
-    c_ptr,  # [V, D] classifier shard (strided)
+    e_ptr,  # [B, T', D] hidden states (strided view), or a TMA descriptor of them as [N, D]
+    c_ptr,  # [V, D] classifier shard (strided), or its TMA descriptor
     bias_ptr,  # [V] bias shard (unused without HAS_BIAS)
     y_ptr,  # [B, T'] int targets, global ids (strided view)
     lse_ptr,  # [N] fp32 global log-sum-exp
@@ -61,6 +69,7 @@ def _cce_dlogits_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLSE: tl.constexpr,
     FILTER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -76,9 +85,10 @@ def _cce_dlogits_kernel(
     g = tl.load(g_nll_ptr + n, mask=n_mask, other=0.0)
 
     z = logits_tile(
-        e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, j_mask, D,
+        e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, j_mask, D, pid_n * BLOCK_N,
+        chunk_begin + pid_v * BLOCK_V,
         stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
-        HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC, EVEN_D,
+        HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC, EVEN_D, TMA,
     )
     valid = n_mask[:, None] & j_mask[None, :]
     p = tl.exp(tl.where(valid, z - lse[:, None], float("-inf")))  # padding rows/columns: p = 0
@@ -114,14 +124,11 @@ def _cublas_operand(e3: torch.Tensor, skip_filter: bool) -> torch.Tensor | None:
     ``dC[chunk] = dz^T @ E`` has no accumulation across chunks, so cuBLAS (fp32 accumulation,
     one bf16 write, deterministic) can take it: 0.068 ms vs 0.20 ms for `grad_matmul` per
     8192 x 2304 x 1280 chunk on the H100 (2026-11-25). Needs CUDA, no tile filter for dC, and a
-    token layout that is one plain matrix (shift > 0 leaves a gap between sequences).
+    token layout that is one plain matrix (else torch.mm would copy E).
     """
     if e3.device.type != "cuda" or skip_filter:
         return None
-    b, t, d = e3.shape
-    if e3.stride(2) != 1 or (b > 1 and e3.stride(0) != t * e3.stride(1)):
-        return None  # torch.mm would copy E
-    return e3.reshape(b * t, d)  # a view: checked above
+    return plain_matrix(e3)
 
 
 def chunk_len(num_tokens: int, vocab: int, element_size: int, tile: int, dz_bytes: int) -> int:
@@ -191,12 +198,15 @@ def backward(
         e_out, e_mode = grad_e3.zero_(), HI_LO
 
     bias_arg = bias if bias is not None else c
+    e_desc = tma_descriptor(plain_matrix(layout.e3), [cfg.n, cfg.d])
+    c_desc = tma_descriptor(c, [cfg.v, cfg.d])
+    tma = e_desc is not None and c_desc is not None
     gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.gemm_stages}
     e2d = _cublas_operand(layout.e3, skip_filter=filtering and mode.filter_c_grad)
     for v0 in range(0, v, chunk):
         cl = min(chunk, v - v0)
         _cce_dlogits_kernel[(token_blocks, triton.cdiv(cl, cfg.v))](
-            layout.e3, c, bias_arg, layout.y2, lse, g_nll, g_lse if g_lse is not None else lse,
+            e_desc if tma else layout.e3, c_desc if tma else c, bias_arg, layout.y2, lse, g_nll, g_lse if g_lse is not None else lse,
             dz, skip if filtering else dz, dbias if dbias is not None else lse,
             n, d, layout.seq_len, v0, cl, vocab_start,
             layout.e3.stride(0), layout.e3.stride(1), layout.e3.stride(2), c.stride(0),
@@ -206,7 +216,7 @@ def backward(
             float(mode.filter_eps or 0.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_GLSE=g_lse is not None,
             FILTER=filtering, UPCAST=upcast, DOT_PRECISION=precision,
-            BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, num_warps=cfg.warps, num_stages=cfg.stages,
+            BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, TMA=tma, num_warps=cfg.warps, num_stages=cfg.stages,
         )
         dz_chunk = dz[:, :cl]
         grad_matmul(

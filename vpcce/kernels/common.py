@@ -67,6 +67,42 @@ def blocks() -> Blocks:
     return INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS
 
 
+# Load tiles through Hopper's tensor memory accelerator (host-built descriptors) when operands
+# allow it; a module switch so the performance log can compare both paths on the same build.
+USE_TMA = True
+
+
+def plain_matrix(x3: torch.Tensor) -> torch.Tensor | None:
+    """``[B, T', D]`` token view as one ``[B * T', D]`` matrix view, or None if it is not one.
+
+    ``shift > 0`` with several sequences leaves a gap between them; a strided last dimension
+    is not a plain matrix either.
+    """
+    b, t, d = x3.shape
+    if x3.stride(2) != 1 or (b > 1 and x3.stride(0) != t * x3.stride(1)):
+        return None
+    return x3.reshape(b * t, d)
+
+
+def tma_descriptor(x: torch.Tensor | None, block: list[int]):
+    """A TMA descriptor of the 2-D ``x`` with tiles of ``block``, or None where TMA cannot read it.
+
+    TMA needs a CUDA tensor with a contiguous last dimension and 16-byte aligned base and strides;
+    out-of-bounds tiles are zero-filled, so kernels need no load masks.
+    """
+    if x is None or not USE_TMA or interpreting() or x.device.type != "cuda":
+        return None
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor.from_tensor(x, block)
+
+
 @triton.jit
 def row_offsets(rows, seq_len, stride_b, stride_t):
     """int64 element offsets of flat token ids ``rows`` in a ``[B, T', ...]`` strided view."""
@@ -85,31 +121,38 @@ def tanh(x):
 @triton.jit
 def logits_tile(
     e_ptr, c_ptr, bias_ptr,
-    e_rows, n_mask, v, v_mask, D,
+    e_rows, n_mask, v, v_mask, D, n0, v0,
     stride_ed, stride_cv, stride_cd, stride_bias,
     logit_scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
 ):
     """fp32 ``softcap(logit_scale * (e @ c.T + bias))`` for one ``[BLOCK_N, BLOCK_V]`` tile.
 
-    Out-of-range rows/columns are computed from zero-filled operands; callers mask them.
+    With ``TMA``, ``e_ptr`` / ``c_ptr`` are descriptors of ``[N, D]`` / ``[V, D]`` and the tile
+    starts at token ``n0``, vocabulary row ``v0``; otherwise they are pointers addressed through
+    ``e_rows`` / ``v``. Out-of-range rows/columns are computed from zero-filled operands; callers
+    mask them.
     """
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     d_offs = tl.arange(0, BLOCK_D)
     c_rows = v.to(tl.int64) * stride_cv
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + d_offs
-        d_mask = (d < D) | EVEN_D  # EVEN_D: D % BLOCK_D == 0, the compiler drops the test
-        e_tile = tl.load(
-            e_ptr + e_rows[:, None] + d[None, :] * stride_ed,
-            mask=n_mask[:, None] & d_mask[None, :], other=0.0,
-        )
-        c_tile = tl.load(  # [BLOCK_D, BLOCK_V]: c^T, read through strides (no copy of c)
-            c_ptr + c_rows[None, :] + d[:, None] * stride_cd,
-            mask=v_mask[None, :] & d_mask[:, None], other=0.0,
-        )
+        if TMA:
+            e_tile = e_ptr.load([n0, d0])
+            c_tile = tl.trans(c_ptr.load([v0, d0]))
+        else:
+            d = d0 + d_offs
+            d_mask = (d < D) | EVEN_D  # EVEN_D: D % BLOCK_D == 0, the compiler drops the test
+            e_tile = tl.load(
+                e_ptr + e_rows[:, None] + d[None, :] * stride_ed,
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0,
+            )
+            c_tile = tl.load(  # [BLOCK_D, BLOCK_V]: c^T, read through strides (no copy of c)
+                c_ptr + c_rows[None, :] + d[:, None] * stride_cd,
+                mask=v_mask[None, :] & d_mask[:, None], other=0.0,
+            )
         if UPCAST:
             e_tile = e_tile.to(tl.float32)
             c_tile = c_tile.to(tl.float32)

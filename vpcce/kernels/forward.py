@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels.common import blocks, dot_precision, logits_tile, row_offsets, upcast_tiles
+from vpcce.kernels.common import (
+    blocks,
+    dot_precision,
+    logits_tile,
+    plain_matrix,
+    row_offsets,
+    tma_descriptor,
+    upcast_tiles,
+)
 from vpcce.layout import TokenLayout
 from vpcce.partials import NUM_STATS, merge_partials
 
@@ -28,8 +36,8 @@ _PROGRAMS_PER_SM = 4
 @triton.jit
 def _cce_fwd_kernel(
     # pointers
-    e_ptr,  # [B, T', D] hidden states (strided view)
-    c_ptr,  # [V, D] classifier shard (strided)
+    e_ptr,  # [B, T', D] hidden states (strided view), or a TMA descriptor of them as [N, D]
+    c_ptr,  # [V, D] classifier shard (strided), or its TMA descriptor
     bias_ptr,  # [V] bias shard (unused without HAS_BIAS)
     y_ptr,  # [B, T'] int targets, global ids (strided view)
     part_ptr,  # [S, N, 6] fp32, out: partials per split
@@ -43,7 +51,7 @@ def _cce_fwd_kernel(
     logit_scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -67,9 +75,9 @@ def _cce_fwd_kernel(
         v = t * BLOCK_V + tl.arange(0, BLOCK_V)
         v_mask = v < V
         z = logits_tile(
-            e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, v_mask, D,
+            e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, v_mask, D, pid_n * BLOCK_N, t * BLOCK_V,
             stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
-            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC, EVEN_D,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC, EVEN_D, TMA,
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
@@ -142,14 +150,17 @@ def forward_partials(
     if n == 0:
         return parts[0]
     bias_arg = bias if bias is not None else c
+    e_desc = tma_descriptor(plain_matrix(e3), [cfg.n, cfg.d])
+    c_desc = tma_descriptor(c, [cfg.v, cfg.d])
+    tma = e_desc is not None and c_desc is not None
     _cce_fwd_kernel[(token_blocks, splits)](
-        e3, c, bias_arg, y2, parts, parts.view(torch.int32),
+        e_desc if tma else e3, c_desc if tma else c, bias_arg, y2, parts, parts.view(torch.int32),
         n, v, d, layout.seq_len, vocab_start, triton.cdiv(vocab_tiles, splits),
         e3.stride(0), e3.stride(1), e3.stride(2), c.stride(0), c.stride(1),
         bias_arg.stride(0), y2.stride(0), y2.stride(1), parts.stride(0),
         float(logit_scale), float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=upcast_tiles(c.dtype), DOT_PRECISION=dot_precision(c.dtype),
-        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, TMA=tma, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return parts[0] if splits == 1 else merge_partials(parts)

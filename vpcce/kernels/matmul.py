@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels.common import row_offsets
+from vpcce.kernels.common import row_offsets, tma_descriptor
 
 STORE, ADD, HI_LO = 0, 1, 2
 
@@ -29,8 +29,8 @@ STORE, ADD, HI_LO = 0, 1, 2
 @triton.jit
 def _grad_matmul_kernel(
     # pointers
-    a_ptr,  # [M, K] dz (or dz^T through strides), 16-bit or fp32
-    b_ptr,  # [K, N] operand; rows may be tokens of a [B, T', D] view
+    a_ptr,  # [M, K] dz (or dz^T through strides), 16-bit or fp32; or its TMA descriptor
+    b_ptr,  # [K, N] operand, rows may be tokens of a [B, T', D] view; or a TMA descriptor (TMA)
     out_ptr,  # [M, N] output; rows may be tokens of a [B, T', D] view
     lo_ptr,  # [M, N] contiguous 16-bit residual (HI_LO only)
     skip_ptr,  # int8 tile flags (SKIP only)
@@ -40,7 +40,7 @@ def _grad_matmul_kernel(
     stride_am, stride_ak, stride_b_b, stride_b_t, stride_bn, stride_out_b, stride_out_t,
     stride_on, stride_skm, stride_skk,
     MODE: tl.constexpr, SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tl.static_assert(SKIP_M % BLOCK_M == 0, "a filter tile must cover whole M blocks")
@@ -60,17 +60,21 @@ def _grad_matmul_kernel(
             flag = tl.load(skip_ptr + (pid_m * BLOCK_M // SKIP_M) * stride_skm + (k0 // SKIP_K) * stride_skk)
             keep = flag == 0
         if keep:
-            k = k0 + k_offs
-            k_mask = k < K
-            a = tl.load(
-                a_ptr + a_rows[:, None] + k[None, :].to(tl.int64) * stride_ak,
-                mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-            )
-            b_rows = row_offsets(k, b_seq, stride_b_b, stride_b_t)
-            b = tl.load(
-                b_ptr + b_rows[:, None] + n[None, :] * stride_bn,
-                mask=k_mask[:, None] & n_mask[None, :], other=0.0,
-            )
+            if TMA:
+                a = a_ptr.load([pid_m * BLOCK_M, k0])
+                b = b_ptr.load([k0, pid_n * BLOCK_N])
+            else:
+                k = k0 + k_offs
+                k_mask = k < K
+                a = tl.load(
+                    a_ptr + a_rows[:, None] + k[None, :].to(tl.int64) * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                )
+                b_rows = row_offsets(k, b_seq, stride_b_b, stride_b_t)
+                b = tl.load(
+                    b_ptr + b_rows[:, None] + n[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0,
+                )
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -120,13 +124,16 @@ def grad_matmul(
     lo_arg = lo if lo is not None else out3
     skip_arg = skip if skip is not None else a
     skip_tile = skip_tile or (block_m, block_k)
+    a_desc = tma_descriptor(a, [block_m, block_k])
+    b_desc = tma_descriptor(b3[0] if b3.shape[0] == 1 else None, [block_k, block_n])
+    tma = a_desc is not None and b_desc is not None
     _grad_matmul_kernel[grid](
-        a, b3, out3, lo_arg, skip_arg,
+        a_desc if tma else a, b_desc if tma else b3, out3, lo_arg, skip_arg,
         m, n, k, b3.shape[1], out3.shape[1],
         a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
         out3.stride(0), out3.stride(1), out3.stride(2),
         skip.stride(0) if skip is not None else 0, skip.stride(1) if skip is not None else 0,
         MODE=mode, SKIP=skip is not None, SKIP_M=skip_tile[0], SKIP_K=skip_tile[1],
-        UPCAST=upcast, DOT_PRECISION=precision,
+        UPCAST=upcast, DOT_PRECISION=precision, TMA=tma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
