@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import sys
 import types
+import warnings
 
 import torch
 
@@ -110,7 +112,8 @@ def _build(case: dict, world: int):
 
 
 def _output_weight(model):
-    return model.shared_embedding_or_output_weight()
+    layer = model.output_layer
+    return layer.weight if layer.weight is not None else model.shared_embedding_or_output_weight()
 
 
 def _set_main_grad(model, mode):
@@ -135,9 +138,9 @@ def _step(model, case, inputs, kwargs):
     """One forward (+ backward with fixed per-token weights); what the comparison needs."""
     ids, pos, mask, labels, weights = inputs
     tracker = _mtp_tracker()
-    for key in ("loss_values", "correct_values", "total_values"):
-        if key in tracker:
-            tracker[key].zero_()
+    for value in tracker.values():  # Megatron accumulates into it until its logging step
+        if isinstance(value, torch.Tensor):
+            value.zero_()
     model.zero_grad(set_to_none=True)
     if case["fusion"]:
         _set_main_grad(model, case["fusion"])
@@ -147,6 +150,7 @@ def _step(model, case, inputs, kwargs):
         if out.requires_grad:
             out.register_hook(lambda g: captured.__setitem__("hidden", g.clone()))
 
+    w = _output_weight(model)
     handle = model.decoder.register_forward_hook(keep_grad)
     try:
         if case["logits"]:
@@ -164,10 +168,11 @@ def _step(model, case, inputs, kwargs):
         (out * weights).sum().backward()
     finally:
         handle.remove()
-    w = _output_weight(model)
     result = {
         "loss": out.detach(),
-        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        # under fusion the output weight's .grad is Megatron's dummy; main_grad is compared instead
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()
+                  if p.grad is not None and not (case["fusion"] and p is w)},
         "hidden": captured["hidden"],
         "mtp": {k: v.clone() for k, v in tracker.items() if isinstance(v, torch.Tensor)},
     }
@@ -223,11 +228,75 @@ def _run_case(case: dict, world: int) -> dict:
         vm.patch(model)
     if "hook" in case["path"]:
         kwargs["output_processor"] = vm.output_processor
+    before = _MATERIALIZED[0]
     got = _step(model, case, inputs, kwargs)
     result = _compare(ref, got, case)
+    result["materialized"] = _MATERIALIZED[0] - before
     result["state_dict_unchanged"] = sorted(model.state_dict()) == keys
     result["layer"] = type(model.output_layer).__name__
     return result
+
+
+_MATERIALIZED = [0]  # DeferredLogits.materialize calls that built logits, counted in these ranks
+
+
+def _count_materializations() -> None:
+    from vpcce.integrations.megatron import DeferredLogits
+
+    original = DeferredLogits.materialize
+
+    def counted(self):
+        if self._logits is None:
+            _MATERIALIZED[0] += 1
+        return original(self)
+
+    DeferredLogits.materialize = counted
+
+
+def _top1(world: int) -> dict:
+    """The kernel's top-1 through DeferredLogits against the materialized logits' own: the
+    queries of Megatron 0.19's MTP acceptance counts (``_vocab_parallel_argmax`` on vocab-sharded
+    logits, ``torch.argmax`` on gathered ones), on peaked logits so that top-1 hits are common."""
+    from megatron.core import parallel_state
+
+    from vpcce.integrations import megatron as vm
+
+    case = {**_BASE, "sp": True}
+    model = vm.patch(_build(case, world))
+    layer, weight = model.output_layer, model.output_layer.weight
+    g = torch.Generator().manual_seed(SEED + 2)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    labels = torch.randint(0, case["vocab"], (B, S), generator=g)
+    # hidden states near 100 x their label's row: the label is usually the top-1
+    full_weight = [torch.empty_like(weight) for _ in range(world)]
+    torch.distributed.all_gather(full_weight, weight.detach(), group=layer.tp_group)
+    hidden = 100 * torch.cat(full_weight)[labels.t()] + torch.randn(S, B, H, generator=g)
+    hidden = hidden.chunk(world)[rank].contiguous()  # sequence parallel: this rank's tokens
+    out = {}
+    for gather in (None, True):
+        logits, _ = layer(hidden, runtime_gather_output=gather)
+        logits.cross_entropy(labels)
+        before = _MATERIALIZED[0]
+        if gather:
+            top1 = torch.argmax(logits, dim=-1)
+        else:
+            from megatron.core.transformer import multi_token_prediction as mtp
+
+            if not hasattr(mtp, "_vocab_parallel_argmax"):
+                continue  # before 0.19: no acceptance counts
+            top1 = mtp._vocab_parallel_argmax(logits, layer.tp_group, world)
+        out[f"materialized_{gather}"] = _MATERIALIZED[0] - before
+        full = logits.materialize()
+        if not gather:
+            full = torch.cat([torch.empty_like(full) for _ in range(world)], -1)
+            parts = list(full.chunk(world, -1))
+            torch.distributed.all_gather(parts, logits.materialize().contiguous(),
+                                         group=layer.tp_group)
+            full = torch.cat(parts, -1)
+        expected = full.argmax(-1)
+        out[f"equal_{gather}"] = bool((top1 == expected).all())
+        out[f"hits_{gather}"] = int((expected == labels.t()).sum())
+    return out
 
 
 def _refusals(world: int) -> dict:
@@ -257,11 +326,15 @@ def run_cases(rank: int, world: int, megatron_path: str | None) -> dict:
     """Every case (the hook cases where GPTModel.forward has ``output_processor``) on this rank."""
     if megatron_path is not None:
         sys.path.insert(0, megatron_path)
+    # megatron-core warns about every missing optional dependency and deprecation on import
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
     import megatron.core
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     _cpu_stand_ins()
+    _count_materializations()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     cases = dict(CASES)
     if "output_processor" in inspect.signature(GPTModel.forward).parameters:
@@ -274,6 +347,7 @@ def run_cases(rank: int, world: int, megatron_path: str | None) -> dict:
             except Exception as exc:
                 raise RuntimeError(f"case {name!r} failed") from exc
         results["refusals"] = _refusals(world)
+        results["top1"] = _top1(world)
         return results
     finally:
         parallel_state.destroy_model_parallel()

@@ -394,7 +394,7 @@ def _agreed_status(run: Run, status: str) -> str:
 
 
 def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[dict]:
-    """Rows (floor first) for the first ``n`` tokens of one data set; ``fns``: name -> loss or str."""
+    """Rows (floor first) for the first ``n`` tokens of one data set; ``fns``: name -> loss."""
     cfg, s = run.cfg, run.setting
     e, y = batch.e[:n], batch.targets[:n]
     c = batch.c[s.start : s.stop]
@@ -404,9 +404,7 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
             t = _reduce_max(run, [median_ms(run, lambda _: M.gemm(e, c))])[0]
         rows.append(dict(data=data, n=n, method=FLOOR, status="ok", gemm_ms=t,
                          ms={k: FLOOR_FACTOR[k] * t for k in cfg.kinds}))
-    results = {}
-    for name, fn in fns.items():
-        results[name] = dict(data=data, n=n, method=name, status="ok" if callable(fn) else fn)
+    results = {name: dict(data=data, n=n, method=name, status="ok") for name in fns}
     live = lambda: [name for name in fns if results[name]["status"] == "ok"]
     e_, c_ = e.detach().requires_grad_(), c.detach().requires_grad_()
 
@@ -505,9 +503,13 @@ def _fmt(x, spec) -> str:
 def markdown(report: dict) -> str:
     cfg, env = report["config"], report["env"]
     kinds = cfg["kinds"]
+    world = f"world {env['world_size']}"
+    if env["world_size"] > 1:
+        shard = report["shard"]
+        world += f" (vocab-parallel; rank 0 rows [{shard['rank0_start']}, {shard['rank0_stop']}))"
     lines = [
         f"### vpcce bench `{cfg['name']}`: D {cfg['d']} x V {cfg['v']}, {cfg['dtype']}, "
-        f"{env['device']}, world {env['world_size']}, {env['date']}",
+        f"{env['device']}, {world}, {env['date']}",
         "",
     ]
     for d in report["data"]:
@@ -533,10 +535,10 @@ def markdown(report: dict) -> str:
             if cfg["error"]:
                 cells += [_fmt(err.get(k), ".1e") for k in ("loss", "de", "dc")]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = report["notes"]
-    if notes:
-        lines += [""] + [f"- {k}: {v}" for k, v in notes.items()]
-    return "\n".join(lines)
+    lines += [""] + [f"- not run: `{k}`: {v}" for k, v in report["unavailable"].items()]
+    if report.get("png", "").startswith("no PNG"):
+        lines.append(f"- {report['png']}")
+    return "\n".join(lines).rstrip()
 
 
 def plot(report: dict, path: Path) -> str | None:
@@ -568,6 +570,8 @@ def plot(report: dict, path: Path) -> str | None:
     for ax, what in ((ax_t, f"median {kind} time (ms)"), (ax_m, f"{kind} op memory (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(cfg["n"], [str(n) for n in cfg["n"]])
+        ax.minorticks_off()
         ax.set_xlabel("N (tokens)")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
@@ -588,13 +592,13 @@ def bench(cfg: BenchConfig) -> dict:
     """Run the benchmark; on rank 0 write JSON, markdown and PNG and return the report."""
     run = _start(cfg)
     try:
-        fns, notes = {}, {}
+        fns, unavailable = {}, {}
         for name in cfg.methods:
             try:
                 fns[name] = M.build(name, run.setting)
             except M.Unavailable as err:
-                fns[name] = f"n/a: {err}"
-                notes[name] = str(err)
+                unavailable[name] = str(err)
+                run.log(f"{name}: not run: {err}")
         data = _make_data(run)
         results = []
         for data_name, batch in data:
@@ -609,14 +613,12 @@ def bench(cfg: BenchConfig) -> dict:
             shard=dict(rank0_start=run.setting.start, rank0_stop=run.setting.stop),
             data=[dict(name=name, mean_entropy=b.mean_entropy, mean_nll=b.mean_nll) for name, b in data],
             results=results,
-            notes=notes,
+            unavailable=unavailable,
         )
         if run.rank == 0:
             out = cfg.out_dir()
             out.mkdir(parents=True, exist_ok=True)
-            why = plot(report, out / f"{cfg.name}.png")
-            if why:
-                notes["png"] = why
+            report["png"] = plot(report, out / f"{cfg.name}.png") or f"{cfg.name}.png"
             table = markdown(report)
             (out / f"{cfg.name}.md").write_text(table + "\n")
             (out / f"{cfg.name}.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -22,6 +22,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+MEMORY_DEFINITION = (
+    "peak bytes of tensor storage alive at once during the region, counting only storages created "
+    "inside it (activations, saved tensors, workspaces, the gradients it produces); CUDA: "
+    "max_memory_allocated - memory_allocated at the region's start; CPU: a TorchDispatchMode "
+    "counting live storages. 'step': forward + backward of a training step (previous gradients "
+    "freed); 'loss op': the LM head + loss forward and backward alone"
+)
+
 
 def _storages(tree) -> list[torch.UntypedStorage]:
     leaves, _ = tree_flatten(tree)

@@ -1,0 +1,123 @@
+"""`vpcce.launch.bench` end to end on CPU: the tiny config in-process, the Triton interpreter path,
+two gloo ranks under torchrun (vocab-parallel), and config validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vpcce.launch import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "bench" / "cpu_tiny.yaml"
+FP32_ERR = 1e-5  # fp32 inputs, exact methods, against the fp64 truth
+
+
+def _rows(report: dict, **match) -> list[dict]:
+    return [r for r in report["results"] if all(r[k] == v for k, v in match.items())]
+
+
+def test_cpu_tiny_writes_table_json_png(tmp_path, capsys):
+    report = bench.main(["--config", str(TINY), f"out={tmp_path}"])
+    stdout = capsys.readouterr().out
+    cfg = report["config"]
+    names = ["flat"] + [bench.peaked_name(h) for h in cfg["entropies"]]
+
+    # files: JSON with every number, the same table as stdout, a PNG
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"cpu_tiny.{ext}").stat().st_size > 0
+    assert (tmp_path / "cpu_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "cpu_tiny.json").read_text())
+    assert saved["results"] == report["results"]
+    assert saved["env"]["torch"] and saved["env"]["date"] and saved["env"]["device"]
+    table = (tmp_path / "cpu_tiny.md").read_text().strip()
+    assert stdout.rstrip().endswith(table.splitlines()[-1])  # the table is printed last
+
+    # data sets: the requested mean entropies, reported
+    assert [d["name"] for d in report["data"]] == names
+    for d in report["data"][1:]:
+        target = float(d["name"].split("~")[1])
+        assert abs(d["mean_entropy"] - target) < 0.1, d
+    assert all(math.isfinite(d["mean_nll"]) for d in report["data"])
+
+    # every data set x N x method ran, with times, memory and small errors
+    assert len(report["results"]) == len(names) * len(cfg["n"]) * (1 + len(cfg["methods"]))
+    for data in names:
+        for n in cfg["n"]:
+            (floor,) = _rows(report, data=data, n=n, method=bench.FLOOR)
+            assert floor["ms"]["fw+bw"] == pytest.approx(4 * floor["gemm_ms"])
+            for method in cfg["methods"]:
+                (row,) = _rows(report, data=data, n=n, method=method)
+                assert row["status"] == "ok", row
+                assert set(row["ms"]) == set(cfg["kinds"]) and min(row["ms"].values()) > 0
+                assert min(row["mem_mb"].values()) >= 0
+                assert max(row["err"].values()) < FP32_ERR, row
+                assert f"| {data} | {n} | {method} |" in table
+    assert report["unavailable"] == {}
+
+
+def test_overrides_triton_interpreter_and_unavailable_methods(tmp_path, capsys):
+    """vpcce's Triton kernels (interpreted) through the bench; a missing package is a note."""
+    report = bench.main([
+        "--config", str(TINY), f"out={tmp_path}", "vpcce_impl=triton", "n=64", "flat=false",
+        "entropies=[5]", "warmup=0", "rep=1", "kinds=[fw+bw]", "name=tri",
+        "methods=[vpcce_exact, vpcce, eager, liger]",
+    ])
+    table = capsys.readouterr().out
+    assert report["env"]["vpcce_impl"] == "triton" and report["env"]["triton_interpret"]
+    assert report["config"]["n"] == [64]
+    assert "liger" in report["unavailable"]  # liger needs CUDA (and is not installed here)
+    assert f"not run: `liger`" in table
+    for method in ("vpcce_exact", "vpcce", "eager"):
+        (row,) = _rows(report, method=method)
+        assert list(row["ms"]) == ["fw+bw"]
+        assert max(row["err"].values()) < FP32_ERR, row
+    assert (tmp_path / "tri.png").exists()
+
+
+def test_two_gloo_ranks_vocab_parallel(tmp_path):
+    """Under torchrun the classifier is split: vpcce runs vocab-parallel, eager is skipped."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "vpcce.launch.bench", "--config", str(TINY), f"out={tmp_path}", "n=[64]",
+        "flat=false", "entropies=[5]", "warmup=0", "rep=1", "methods=[vpcce_exact,eager]",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "cpu_tiny.json").read_text())
+    assert report["env"]["world_size"] == 2 and report["shard"]["rank0_stop"] == 500
+    assert "not vocab-parallel" in report["unavailable"]["eager"]
+    (row,) = _rows(report, method="vpcce_exact")
+    assert row["status"] == "ok" and max(row["err"].values()) < FP32_ERR, row
+    assert "world 2 (vocab-parallel" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("nope=1", "unknown config keys"),
+        ("methods=[vpcce, nope]", "methods must be"),
+        ("kinds=[fw, backward]", "kinds must be"),
+        ("n=[0]", "n must be"),
+        ("dtype=fp8", "dtype must be"),
+        ("plot_data=peaked~3", "plot_data must be"),
+        ("flat=false entropies=[]", "no data set"),
+        ("n", "key=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        bench.load_config(TINY, override.split(" "))
+
+
+def test_config_scalars_become_lists():
+    cfg = bench.load_config(TINY, ["n=8192", "entropies=4", "kinds=[fw+bw, fw]"])
+    assert cfg.n == [8192] and cfg.entropies == [4.0] and cfg.kinds == ["fw", "fw+bw"]
+    assert cfg.name == "cpu_tiny" and cfg.out_dir() == Path("out/bench/cpu_tiny")

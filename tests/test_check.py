@@ -1,0 +1,59 @@
+"""`vpcce.launch.check` under ``torchrun --standalone --nproc_per_node 2`` on gloo (CPU): every
+rank passes, and the checker's self-test (``--inject-error``) makes the chosen rank fail."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 180
+
+
+def torchrun_check(*args: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "vpcce.launch.check", "--backend", "gloo", *args,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def _lines(proc) -> list[str]:
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--impl", "torch"),
+        # the Triton kernels in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+        ("--impl", "triton", "--dtype", "bf16"),
+    ],
+    ids=["torch-fp32", "triton-bf16"],
+)
+def test_two_ranks_pass(args):
+    proc = torchrun_check(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = _lines(proc)
+    assert "rank 0: PASS" in lines and "rank 1: PASS" in lines, proc.stdout
+    assert lines[-1] == "PASS: all 2 ranks"
+    assert "world 2, backend gloo" in lines[0] and "shard rows [516, 515]" in lines[0]
+
+
+def test_injected_error_fails_that_rank():
+    proc = torchrun_check("--impl", "torch", "--inject-error", "1")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = _lines(proc)
+    assert "rank 0: PASS" in lines, proc.stdout
+    (fail,) = [line for line in lines if line.startswith("rank 1: FAIL (")]
+    assert "dC: 1.0e-01 > tol" in fail
+    assert "FAIL: ranks [1]" in lines
