@@ -100,21 +100,21 @@ def test_two_gloo_ranks_vocab_parallel(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "overrides, message",
     [
-        ("nope=1", "unknown config keys"),
-        ("methods=[vpcce, nope]", "methods must be"),
-        ("kinds=[fw, backward]", "kinds must be"),
-        ("n=[0]", "n must be"),
-        ("dtype=fp8", "dtype must be"),
-        ("plot_data=peaked~3", "plot_data must be"),
-        ("flat=false entropies=[]", "no data set"),
-        ("n", "key=value"),
+        (["nope=1"], "unknown config keys"),
+        (["methods=[vpcce, nope]"], "methods must be"),
+        (["kinds=[fw, backward]"], "kinds must be"),
+        (["n=[0]"], "n must be"),
+        (["dtype=fp8"], "dtype must be"),
+        (["plot_data=peaked~3"], "plot_data must be"),
+        (["flat=false", "entropies=[]"], "no data set"),
+        (["n"], "key=value"),
     ],
 )
-def test_config_errors_name_the_key(override, message):
+def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
-        bench.load_config(TINY, override.split(" "))
+        bench.load_config(TINY, overrides)
 
 
 def test_config_scalars_become_lists():

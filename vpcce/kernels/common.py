@@ -48,6 +48,8 @@ class Blocks:
     stages: int
     gemm_stages: int  # pipeline depth of the gradient GEMM (its tiles differ from the logits')
     split_acc: bool = False  # add each K step's dot to the accumulator with an fp32 FADD
+    flatten: bool = False  # pipeline the forward's vocab-tile and K loops as one loop
+    warp_specialize: bool = False  # producer/consumer warps for the forward's vocab-tile loop
 
 
 # H100, N 8192 x D 2304 x V 256000 bf16, 2026-11-25 (docs/perf.md): 128 x 128 fp32 accumulator,

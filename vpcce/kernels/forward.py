@@ -52,6 +52,7 @@ def _cce_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -71,7 +72,7 @@ def _cce_fwd_kernel(
     num_tiles = tl.cdiv(V, BLOCK_V)
     t_begin = pid_s * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
-    for t in range(t_begin, t_end):
+    for t in tl.range(t_begin, t_end, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         v = t * BLOCK_V + tl.arange(0, BLOCK_V)
         v_mask = v < V
         z = logits_tile(
@@ -161,6 +162,7 @@ def forward_partials(
         float(logit_scale), float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=upcast_tiles(c.dtype), DOT_PRECISION=dot_precision(c.dtype),
-        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, TMA=tma, num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, TMA=tma,
+        FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return parts[0] if splits == 1 else merge_partials(parts)
