@@ -49,6 +49,7 @@ class TrainConfig:
     chunk_bytes: int | None = None  # impl="torch" tile budget (None: the library default)
     # output
     log_every: int = 25
+    memory_every: int = 50  # CPU: steps between memory measurements (CUDA measures every step)
     out_dir: str | None = None  # default: out/train/<name>
 
     def __post_init__(self):
@@ -61,7 +62,8 @@ class TrainConfig:
         unknown = set(self.paths) - {"vpcce", "materialized"}
         if not self.paths or unknown or len(set(self.paths)) != len(self.paths):
             raise ValueError(f"paths must be distinct names from ['vpcce', 'materialized'], got {self.paths}")
-        for key in ("steps", "batch_size", "vocab_size", "d_model", "n_layers", "n_heads", "log_every"):
+        for key in ("steps", "batch_size", "vocab_size", "d_model", "n_layers", "n_heads", "log_every",
+                    "memory_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.seq_len < 2:

@@ -20,7 +20,6 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 MEMORY_DEFINITION = (
     "peak bytes of tensor storage alive at once during the region, counting only storages created "
@@ -31,9 +30,18 @@ MEMORY_DEFINITION = (
 )
 
 
-def _storages(tree) -> list[torch.UntypedStorage]:
-    leaves, _ = tree_flatten(tree)
-    return [x.untyped_storage() for x in leaves if isinstance(x, torch.Tensor)]
+def _storages(tree, out: list | None = None) -> list[torch.UntypedStorage]:
+    """Storages of the tensors in nested tuples / lists / dicts (ATen arguments and results)."""
+    out = [] if out is None else out
+    if isinstance(tree, torch.Tensor):
+        out.append(tree.untyped_storage())
+    elif isinstance(tree, (tuple, list)):
+        for x in tree:
+            _storages(x, out)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            _storages(x, out)
+    return out
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -124,3 +132,20 @@ class MemoryMeter:
             yield
             self.window_peak = mode.peak - base
             mode.peak = max(outer_peak, mode.peak)
+
+
+class NoMeter:
+    """`MemoryMeter`'s interface, measuring nothing (steps between measured ones on CPU, where the
+    dispatch-mode tracker costs time)."""
+
+    step_peak = None
+    window_peak = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def window(self):
+        return contextlib.nullcontext()
