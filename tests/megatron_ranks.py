@@ -66,6 +66,12 @@ HOOK_CASES = {
 }
 
 
+def _quiet() -> None:
+    """megatron-core warns about every missing optional dependency and deprecation on import."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+
+
 def _cpu_stand_ins() -> None:
     torch.cuda.current_device = lambda: "cpu"
     from megatron.core.tensor_parallel import layers, random
@@ -326,9 +332,7 @@ def run_cases(rank: int, world: int, megatron_path: str | None) -> dict:
     """Every case (the hook cases where GPTModel.forward has ``output_processor``) on this rank."""
     if megatron_path is not None:
         sys.path.insert(0, megatron_path)
-    # megatron-core warns about every missing optional dependency and deprecation on import
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
+    _quiet()
     import megatron.core
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel

@@ -64,16 +64,27 @@ def test_cpu_tiny_writes_table_json_png(tmp_path, capsys):
 
 def test_overrides_triton_interpreter_and_unavailable_methods(tmp_path, capsys):
     """vpcce's Triton kernels (interpreted) through the bench; a missing package is a note."""
-    report = bench.main([
-        "--config", str(TINY), f"out={tmp_path}", "vpcce_impl=triton", "n=64", "flat=false",
-        "entropies=[5]", "warmup=0", "rep=1", "kinds=[fw+bw]", "name=tri",
-        "methods=[vpcce_exact, vpcce, eager, liger]",
-    ])
+    report = bench.main(
+        [
+            "--config",
+            str(TINY),
+            f"out={tmp_path}",
+            "vpcce_impl=triton",
+            "n=64",
+            "flat=false",
+            "entropies=[5]",
+            "warmup=0",
+            "rep=1",
+            "kinds=[fw+bw]",
+            "name=tri",
+            "methods=[vpcce_exact, vpcce, eager, liger]",
+        ]
+    )
     table = capsys.readouterr().out
     assert report["env"]["vpcce_impl"] == "triton" and report["env"]["triton_interpret"]
     assert report["config"]["n"] == [64]
     assert "liger" in report["unavailable"]  # liger needs CUDA (and is not installed here)
-    assert f"not run: `liger`" in table
+    assert "not run: `liger`" in table
     for method in ("vpcce_exact", "vpcce", "eager"):
         (row,) = _rows(report, method=method)
         assert list(row["ms"]) == ["fw+bw"]
@@ -83,11 +94,29 @@ def test_overrides_triton_interpreter_and_unavailable_methods(tmp_path, capsys):
 
 def test_two_gloo_ranks_vocab_parallel(tmp_path):
     """Under torchrun the classifier is split: vpcce runs vocab-parallel, eager is skipped."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "vpcce.launch.bench", "--config", str(TINY), f"out={tmp_path}", "n=[64]",
-        "flat=false", "entropies=[5]", "warmup=0", "rep=1", "methods=[vpcce_exact,eager]",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vpcce.launch.bench",
+        "--config",
+        str(TINY),
+        f"out={tmp_path}",
+        "n=[64]",
+        "flat=false",
+        "entropies=[5]",
+        "warmup=0",
+        "rep=1",
+        "methods=[vpcce_exact,eager]",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -104,7 +104,7 @@ def linear_cross_entropy(
         resolve_filter_eps(filter_eps), bool(filter_e_grad), bool(filter_c_grad),
         bool(accum_e_fp32), bool(accum_c_fp32),
     )
-    backend, mode = resolve_impl(impl, e.device, mode)
+    backend, mode = resolve_impl(impl, e.device, mode, e.dtype)
     if backend == "triton" and e.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"impl={impl!r} runs the Triton kernels: it needs CUDA tensors or TRITON_INTERPRET=1, got {e.device}")
     softcap = None if softcap is None else float(softcap)

@@ -57,7 +57,9 @@ def _distributed(cfg: LossConfig) -> bool:
 
 def _hidden(e: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """All tokens' hidden states: gathered from the ranks under sequence parallelism."""
-    return collectives.gather_tokens(e, cfg.vp) if cfg.sequence_parallel and _distributed(cfg) else e
+    return (
+        collectives.gather_tokens(e, cfg.vp) if cfg.sequence_parallel and _distributed(cfg) else e
+    )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -70,8 +72,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = y != cfg.ignore_index
         # 2. partials over this shard of the vocabulary
         parts = cfg.backend.forward_partials(
-            layout, c, bias, vocab_start=cfg.vocab_start, logit_scale=cfg.logit_scale,
-            softcap=cfg.softcap, **cfg.extra(),
+            layout,
+            c,
+            bias,
+            vocab_start=cfg.vocab_start,
+            logit_scale=cfg.logit_scale,
+            softcap=cfg.softcap,
+            **cfg.extra(),
         )
         # 3. the one forward collective: merge all shards' partials in rank order
         if _distributed(cfg):
@@ -128,12 +135,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             pending.append(collectives.start_hidden_grad_reduction(grad_e_all, cfg.vp, e.dtype))
 
         grad_c, grad_bias = cfg.backend.backward(
-            make_layout(e_all, targets, cfg.shift), grad_layout.e3, c, bias,
-            lse=lse, g_nll=g_nll, g_lse=g_lse, vocab_start=cfg.vocab_start,
+            make_layout(e_all, targets, cfg.shift),
+            grad_layout.e3,
+            c,
+            bias,
+            lse=lse,
+            g_nll=g_nll,
+            g_lse=g_lse,
+            vocab_start=cfg.vocab_start,
             target_weight=1.0 - cfg.label_smoothing,
             uniform_weight=cfg.label_smoothing / cfg.vocab_size,
-            logit_scale=cfg.logit_scale, softcap=cfg.softcap, mode=cfg.mode,
-            grad_e_ready=grad_e_ready if reduce else None, **cfg.extra(),
+            logit_scale=cfg.logit_scale,
+            softcap=cfg.softcap,
+            mode=cfg.mode,
+            grad_e_ready=grad_e_ready if reduce else None,
+            **cfg.extra(),
         )
         grad_e = pending[0].wait() if reduce else grad_e_all
         return (

@@ -1,7 +1,7 @@
-"""Token layout: the ``(..., T, D)`` hidden states and ``(..., T)`` targets seen as ``[B, T', D]`` views.
+"""Token layout: ``(..., T, D)`` hidden states and ``(..., T)`` targets as ``[B, T', D]`` views.
 
-``shift=k`` pairs ``e[..., :-k, :]`` with ``targets[..., k:]``; both are views, so no hidden state is
-copied. Implementations address token ``n`` of the flattened ``N = B * T'`` tokens as
+``shift=k`` pairs ``e[..., :-k, :]`` with ``targets[..., k:]``; both are views, so no hidden
+state is copied. Implementations address token ``n`` of the flattened ``N = B * T'`` tokens as
 ``(n // T', n % T')`` through the views' strides (index arithmetic, not a gather).
 """
 

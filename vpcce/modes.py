@@ -11,11 +11,11 @@ apple/ml-cross-entropy names are accepted so callers switch by changing the impo
 =====================  ==========================================================================
 apple ``impl``         vpcce meaning
 =====================  ==========================================================================
-``"cce"``              ``"triton"`` with the caller's ``filter_eps`` (``"auto"`` keeps our accuracy bar)
+``"cce"``              ``"triton"`` with the caller's ``filter_eps`` (``"auto"``: our accuracy bar)
 ``"cce_exact"``        ``"triton"``, no gradient filtering (``filter_eps=None``)
 ``"cce_kahan_full_c"`` ``"triton"``, no filtering, fp32 accumulation of both gradients
 ``"cce_kahan_full_e"`` same as ``"cce_kahan_full_c"`` (our accumulation is already compensated)
-``"torch_compile"``    ``"torch"``: the exact chunked reference instead of a compiled materializing one
+``"torch_compile"``    ``"torch"``: the exact chunked reference, not a compiled materializing one
 =====================  ==========================================================================
 """
 
@@ -68,10 +68,22 @@ def resolve_filter_eps(filter_eps) -> float | None:
     return float(filter_eps)
 
 
-def resolve_impl(impl: str, device: torch.device, mode: BackwardMode) -> tuple[str, BackwardMode]:
-    """Map an ``impl`` name (ours or apple's) to ``("torch" | "triton", BackwardMode)``."""
+def resolve_impl(
+    impl: str, device: torch.device, mode: BackwardMode, dtype: torch.dtype = torch.float32
+) -> tuple[str, BackwardMode]:
+    """Map an ``impl`` name (ours or apple's) to ``("torch" | "triton", BackwardMode)``.
+
+    fp64 inputs (e.g. gradcheck) always take the reference: the kernels have no fp64 dot.
+    """
     if not isinstance(impl, str) or impl not in OUR_IMPLS + APPLE_ALIASES:
         raise ValueError(f"impl must be one of {OUR_IMPLS + APPLE_ALIASES}, got {impl!r}")
+    if dtype == torch.float64 and impl != "torch":
+        if impl != "auto":
+            raise ValueError(
+                f"impl={impl!r} runs the Triton kernels, which take fp32/bf16/fp16, "
+                "got float64; use impl='torch'"
+            )
+        return "torch", mode
     if impl == "torch_compile":
         return "torch", mode
     if impl == "cce_exact":

@@ -1,8 +1,8 @@
 """Mergeable per-token partials of a softmax over a slice of the vocabulary.
 
-Every implementation (the PyTorch reference, the Triton kernels, each rank of a vocab-parallel group)
-reduces its slice of the logits ``z[n, v]`` to six fp32 numbers per token (fp64 for fp64 inputs),
-packed as ``[..., 6]``:
+Every implementation (the PyTorch reference, the Triton kernels, each rank of a vocab-parallel
+group) reduces its slice of the logits ``z[n, v]`` to six fp32 numbers per token (fp64 for fp64
+inputs), packed as ``[..., 6]``:
 
 =========  ==================================================================================
 column     meaning over the slice
@@ -58,7 +58,7 @@ def merge_partials(stacked: torch.Tensor) -> torch.Tensor:
     scale = torch.exp(delta)
     s = stacked[..., SUMEXP]
     nonempty = s > 0
-    # x' = e^{m_i - M} (x_i + (m_i - M) s_i); guarded where the slice is empty (delta = -inf, s = 0).
+    # x' = e^{m_i - M} (x_i + (m_i - M) s_i); guarded where a slice is empty (delta = -inf, s = 0).
     x = torch.where(nonempty, scale * (stacked[..., XLOGX] + delta * s), torch.zeros_like(s))
     merged = torch.empty_like(stacked[0])
     merged[:, MAX] = m_all

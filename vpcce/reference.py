@@ -51,7 +51,7 @@ def chunk_sizes(num_tokens: int, vocab: int, dim: int, chunk_bytes: int) -> tupl
 
 
 def _rows(layout: TokenLayout, start: int, stop: int) -> torch.Tensor:
-    """fp32 (fp64) copy of flat tokens ``[start, stop)`` of ``e3`` (index arithmetic on the views)."""
+    """fp32 (fp64) copy of flat tokens ``[start, stop)`` of ``e3`` (index arithmetic on views)."""
     idx = torch.arange(start, stop, device=layout.e3.device)
     t = layout.seq_len
     return layout.e3[idx // t, idx % t].to(stats_dtype(layout.e3.dtype))
@@ -100,7 +100,7 @@ def forward_partials(
     softcap: float | None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """[N, 6] fp32 partials of this vocabulary shard (``c`` holds global ids ``vocab_start + i``)."""
+    """[N, 6] fp32 partials of this vocabulary shard (``c`` holds ids ``vocab_start + i``)."""
     n, (v, d) = layout.num_tokens, c.shape
     y_local = layout.flat_targets() - vocab_start
     acc = stats_dtype(c.dtype)
@@ -135,7 +135,7 @@ def backward(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     grad_e_ready: Callable[[], None] | None = None,
 ):
-    """Write ``dL/de`` for this shard into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)``.
+    """Write this shard's ``dL/de`` into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)``.
 
     Per token ``n`` with upstream weights ``g_nll[n]`` (loss) and ``g_lse[n]`` (LSE output):
     ``dz[n, v] = (g_nll + g_lse) p[n, v] - g_nll (target_weight [v = y_n] + uniform_weight)``,

@@ -14,7 +14,16 @@ def _require_tensor(name: str, x) -> None:
 
 
 def check_inputs(
-    e, c, targets, bias, *, shift, reduction, label_smoothing, softcap, logit_scale,
+    e,
+    c,
+    targets,
+    bias,
+    *,
+    shift,
+    reduction,
+    label_smoothing,
+    softcap,
+    logit_scale,
     sequence_parallel_world=1,
 ):
     """Validate shapes, dtypes and devices.
@@ -25,11 +34,14 @@ def check_inputs(
     for name, x in (("e", e), ("c", c), ("targets", targets)):
         _require_tensor(name, x)
     if e.dim() < 1:
-        raise ValueError(f"e must have shape (..., D), got a 0-d tensor")
+        raise ValueError("e must have shape (..., D), got a 0-d tensor")
     if c.dim() != 2:
         raise ValueError(f"c must have shape (V, D), got shape {tuple(c.shape)}")
     if c.shape[1] != e.shape[-1]:
-        raise ValueError(f"c has D={c.shape[1]} but e has D={e.shape[-1]} (shapes {tuple(c.shape)}, {tuple(e.shape)})")
+        raise ValueError(
+            f"c has D={c.shape[1]} but e has D={e.shape[-1]} "
+            f"(shapes {tuple(c.shape)}, {tuple(e.shape)})"
+        )
     if c.shape[0] < 1:
         raise ValueError("c must hold at least one vocabulary row")
     if e.dtype not in _FLOAT_DTYPES:
@@ -45,10 +57,14 @@ def check_inputs(
     full_shape = tuple(e.shape)
     if sequence_parallel_world > 1:
         if e.dim() < 2:
-            raise ValueError(f"sequence parallel e must have shape (n, ..., D), got {tuple(e.shape)}")
+            raise ValueError(
+                f"sequence parallel e must have shape (n, ..., D), got {tuple(e.shape)}"
+            )
         full_shape = (e.shape[0] * sequence_parallel_world, *e.shape[1:])
     if tuple(targets.shape) != full_shape[:-1]:
-        raise ValueError(f"targets must have shape {full_shape[:-1]} (e.shape[:-1]), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape {full_shape[:-1]} (e.shape[:-1]), got {tuple(targets.shape)}"
+        )
     if bias is not None:
         _require_tensor("bias", bias)
         if tuple(bias.shape) != (c.shape[0],):
@@ -61,7 +77,9 @@ def check_inputs(
         raise TypeError(f"shift must be an int, got {shift!r}")
     max_shift = full_shape[-2] if len(full_shape) > 1 else 0
     if not 0 <= shift <= max_shift:
-        raise ValueError(f"shift must be in [0, {max_shift}] for e of shape {tuple(e.shape)}, got {shift}")
+        raise ValueError(
+            f"shift must be in [0, {max_shift}] for e of shape {tuple(e.shape)}, got {shift}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):

@@ -60,15 +60,41 @@ def _cce_dlogits_kernel(
     skip_ptr,  # [token blocks, chunk tiles] int8 out: 1 = tile below filter_eps (FILTER only)
     dbias_ptr,  # [token blocks, chunk] fp32 out: column sums of dz (HAS_BIAS only)
     # shapes
-    N, D, seq_len, chunk_begin, chunk_len, vocab_start,
+    N,
+    D,
+    seq_len,
+    chunk_begin,
+    chunk_len,
+    vocab_start,
     # strides
-    stride_eb, stride_et, stride_ed, stride_cv, stride_cd, stride_bias, stride_yb, stride_yt,
-    stride_dzn, stride_skn, stride_dbn,
+    stride_eb,
+    stride_et,
+    stride_ed,
+    stride_cv,
+    stride_cd,
+    stride_bias,
+    stride_yb,
+    stride_yt,
+    stride_dzn,
+    stride_skn,
+    stride_dbn,
     # scalars
-    logit_scale, softcap, target_weight, uniform_weight, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLSE: tl.constexpr,
-    FILTER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr,
+    logit_scale,
+    softcap,
+    target_weight,
+    uniform_weight,
+    filter_eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GLSE: tl.constexpr,
+    FILTER: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_ACC: tl.constexpr,
+    EVEN_D: tl.constexpr,
     TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -85,10 +111,32 @@ def _cce_dlogits_kernel(
     g = tl.load(g_nll_ptr + n, mask=n_mask, other=0.0)
 
     z = logits_tile(
-        e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, j_mask, D, pid_n * BLOCK_N,
+        e_ptr,
+        c_ptr,
+        bias_ptr,
+        e_rows,
+        n_mask,
+        v,
+        j_mask,
+        D,
+        pid_n * BLOCK_N,
         chunk_begin + pid_v * BLOCK_V,
-        stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
-        HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC, EVEN_D, TMA,
+        stride_ed,
+        stride_cv,
+        stride_cd,
+        stride_bias,
+        logit_scale,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        UPCAST,
+        DOT_PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+        SPLIT_ACC,
+        EVEN_D,
+        TMA,
     )
     valid = n_mask[:, None] & j_mask[None, :]
     p = tl.exp(tl.where(valid, z - lse[:, None], float("-inf")))  # padding rows/columns: p = 0
@@ -112,7 +160,8 @@ def _cce_dlogits_kernel(
     dz = tl.where(valid, dz * logit_scale, 0.0)
     tl.store(
         dz_ptr + n.to(tl.int64)[:, None] * stride_dzn + j[None, :],
-        dz.to(dz_ptr.dtype.element_ty), mask=valid,
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=valid,
     )
     if HAS_BIAS:
         tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
@@ -184,8 +233,16 @@ def backward(
     token_blocks = triton.cdiv(n, cfg.n)
     dz = torch.empty((n, chunk), dtype=c.dtype, device=c.device)
     filtering = mode.filter_eps is not None
-    skip = torch.empty((token_blocks, triton.cdiv(chunk, cfg.v)), dtype=torch.int8, device=c.device) if filtering else None
-    dbias = torch.empty((token_blocks, chunk), dtype=torch.float32, device=c.device) if bias is not None else None
+    skip = (
+        torch.empty((token_blocks, triton.cdiv(chunk, cfg.v)), dtype=torch.int8, device=c.device)
+        if filtering
+        else None
+    )
+    dbias = (
+        torch.empty((token_blocks, chunk), dtype=torch.float32, device=c.device)
+        if bias is not None
+        else None
+    )
 
     lo, acc_e = None, None
     if grad_e3.dtype == torch.float32:
@@ -206,23 +263,64 @@ def backward(
     for v0 in range(0, v, chunk):
         cl = min(chunk, v - v0)
         _cce_dlogits_kernel[(token_blocks, triton.cdiv(cl, cfg.v))](
-            e_desc if tma else layout.e3, c_desc if tma else c, bias_arg, layout.y2, lse, g_nll, g_lse if g_lse is not None else lse,
-            dz, skip if filtering else dz, dbias if dbias is not None else lse,
-            n, d, layout.seq_len, v0, cl, vocab_start,
-            layout.e3.stride(0), layout.e3.stride(1), layout.e3.stride(2), c.stride(0),
-            c.stride(1), bias_arg.stride(0), layout.y2.stride(0), layout.y2.stride(1),
-            dz.stride(0), skip.stride(0) if filtering else 0, dbias.stride(0) if dbias is not None else 0,
-            float(logit_scale), float(softcap or 1.0), float(target_weight), float(uniform_weight),
+            e_desc if tma else layout.e3,
+            c_desc if tma else c,
+            bias_arg,
+            layout.y2,
+            lse,
+            g_nll,
+            g_lse if g_lse is not None else lse,
+            dz,
+            skip if filtering else dz,
+            dbias if dbias is not None else lse,
+            n,
+            d,
+            layout.seq_len,
+            v0,
+            cl,
+            vocab_start,
+            layout.e3.stride(0),
+            layout.e3.stride(1),
+            layout.e3.stride(2),
+            c.stride(0),
+            c.stride(1),
+            bias_arg.stride(0),
+            layout.y2.stride(0),
+            layout.y2.stride(1),
+            dz.stride(0),
+            skip.stride(0) if filtering else 0,
+            dbias.stride(0) if dbias is not None else 0,
+            float(logit_scale),
+            float(softcap or 1.0),
+            float(target_weight),
+            float(uniform_weight),
             float(mode.filter_eps or 0.0),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_GLSE=g_lse is not None,
-            FILTER=filtering, UPCAST=upcast, DOT_PRECISION=precision,
-            BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, TMA=tma, num_warps=cfg.warps, num_stages=cfg.stages,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_GLSE=g_lse is not None,
+            FILTER=filtering,
+            UPCAST=upcast,
+            DOT_PRECISION=precision,
+            BLOCK_N=cfg.n,
+            BLOCK_V=cfg.v,
+            BLOCK_D=cfg.d,
+            SPLIT_ACC=cfg.split_acc,
+            EVEN_D=d % cfg.d == 0,
+            TMA=tma,
+            num_warps=cfg.warps,
+            num_stages=cfg.stages,
         )
         dz_chunk = dz[:, :cl]
         grad_matmul(
-            dz_chunk, c[v0 : v0 + cl].unsqueeze(0), e_out, mode=e_mode, lo=lo,
+            dz_chunk,
+            c[v0 : v0 + cl].unsqueeze(0),
+            e_out,
+            mode=e_mode,
+            lo=lo,
             blocks=(cfg.n, cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
-            skip=skip if filtering and mode.filter_e_grad else None, skip_tile=(cfg.n, cfg.v), **gemm,
+            skip=skip if filtering and mode.filter_e_grad else None,
+            skip_tile=(cfg.n, cfg.v),
+            **gemm,
         )
         if v0 + chunk >= v:  # dE is final
             if acc_e is not None:
@@ -233,10 +331,14 @@ def backward(
             torch.mm(dz_chunk.t(), e2d, out=grad_c[v0 : v0 + cl])
         else:
             grad_matmul(
-                dz_chunk.t(), layout.e3, grad_c[v0 : v0 + cl].unsqueeze(0), mode=STORE,
+                dz_chunk.t(),
+                layout.e3,
+                grad_c[v0 : v0 + cl].unsqueeze(0),
+                mode=STORE,
                 blocks=(cfg.v, cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
                 skip=skip.t() if filtering and mode.filter_c_grad else None,
-                skip_tile=(cfg.v, cfg.n), **gemm,
+                skip_tile=(cfg.v, cfg.n),
+                **gemm,
             )
         if dbias is not None:
             grad_bias[v0 : v0 + cl] = dbias[:, :cl].sum(dim=0)  # fixed-order reduction

@@ -61,10 +61,20 @@ class Blocks:
 # 0.204 ms with 4 (same day, same shape).
 # Flattening the forward's tile and K loops into one pipeline: 26.6 -> 25.7 ms (round 6).
 GPU_BLOCKS = Blocks(
-    n=128, v=128, d=64, gemm_n=128, gemm_k=64, warps=8, stages=4, gemm_stages=3, split_acc=True,
+    n=128,
+    v=128,
+    d=64,
+    gemm_n=128,
+    gemm_k=64,
+    warps=8,
+    stages=4,
+    gemm_stages=3,
+    split_acc=True,
     flatten=True,
 )
-INTERPRETER_BLOCKS = Blocks(n=32, v=64, d=64, gemm_n=64, gemm_k=64, warps=4, stages=1, gemm_stages=1)
+INTERPRETER_BLOCKS = Blocks(
+    n=32, v=64, d=64, gemm_n=64, gemm_k=64, warps=4, stages=1, gemm_stages=1
+)
 
 
 def blocks() -> Blocks:
@@ -124,13 +134,32 @@ def tanh(x):
 
 @triton.jit
 def logits_tile(
-    e_ptr, c_ptr, bias_ptr,
-    e_rows, n_mask, v, v_mask, D, n0, v0,
-    stride_ed, stride_cv, stride_cd, stride_bias,
-    logit_scale, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+    e_ptr,
+    c_ptr,
+    bias_ptr,
+    e_rows,
+    n_mask,
+    v,
+    v_mask,
+    D,
+    n0,
+    v0,
+    stride_ed,
+    stride_cv,
+    stride_cd,
+    stride_bias,
+    logit_scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_ACC: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """fp32 ``softcap(logit_scale * (e @ c.T + bias))`` for one ``[BLOCK_N, BLOCK_V]`` tile.
 
@@ -151,11 +180,13 @@ def logits_tile(
             d_mask = (d < D) | EVEN_D  # EVEN_D: D % BLOCK_D == 0, the compiler drops the test
             e_tile = tl.load(
                 e_ptr + e_rows[:, None] + d[None, :] * stride_ed,
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0,
+                mask=n_mask[:, None] & d_mask[None, :],
+                other=0.0,
             )
             c_tile = tl.load(  # [BLOCK_D, BLOCK_V]: c^T, read through strides (no copy of c)
                 c_ptr + c_rows[None, :] + d[:, None] * stride_cd,
-                mask=v_mask[None, :] & d_mask[:, None], other=0.0,
+                mask=v_mask[None, :] & d_mask[:, None],
+                other=0.0,
             )
         if UPCAST:
             e_tile = e_tile.to(tl.float32)

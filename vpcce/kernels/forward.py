@@ -43,16 +43,37 @@ def _cce_fwd_kernel(
     part_ptr,  # [S, N, 6] fp32, out: partials per split
     part_int_ptr,  # the same memory as int32, out: the ARGMAX column's bits
     # shapes
-    N, V, D, seq_len, vocab_start, tiles_per_split,
+    N,
+    V,
+    D,
+    seq_len,
+    vocab_start,
+    tiles_per_split,
     # strides
-    stride_eb, stride_et, stride_ed, stride_cv, stride_cd, stride_bias, stride_yb, stride_yt,
+    stride_eb,
+    stride_et,
+    stride_ed,
+    stride_cv,
+    stride_cd,
+    stride_bias,
+    stride_yb,
+    stride_yt,
     stride_ps,
     # scalars
-    logit_scale, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT_ACC: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    logit_scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_ACC: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -76,9 +97,32 @@ def _cce_fwd_kernel(
         v = t * BLOCK_V + tl.arange(0, BLOCK_V)
         v_mask = v < V
         z = logits_tile(
-            e_ptr, c_ptr, bias_ptr, e_rows, n_mask, v, v_mask, D, pid_n * BLOCK_N, t * BLOCK_V,
-            stride_ed, stride_cv, stride_cd, stride_bias, logit_scale, softcap,
-            HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D, SPLIT_ACC, EVEN_D, TMA,
+            e_ptr,
+            c_ptr,
+            bias_ptr,
+            e_rows,
+            n_mask,
+            v,
+            v_mask,
+            D,
+            pid_n * BLOCK_N,
+            t * BLOCK_V,
+            stride_ed,
+            stride_cv,
+            stride_cd,
+            stride_bias,
+            logit_scale,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+            SPLIT_ACC,
+            EVEN_D,
+            TMA,
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
@@ -133,7 +177,7 @@ def forward_partials(
     num_splits: int | None = None,
     chunk_bytes: int | None = None,
 ) -> torch.Tensor:
-    """[N, 6] fp32 partials of the shard ``c`` (global ids ``vocab_start + i``), see `vpcce.partials`.
+    """[N, 6] fp32 partials of the shard ``c`` (global ids ``vocab_start + i``).
 
     ``num_splits`` (default: enough programs to fill the GPU) only changes the work split, not the
     result beyond fp32 rounding of the merge. ``chunk_bytes`` is accepted for parity with the
@@ -155,14 +199,42 @@ def forward_partials(
     c_desc = tma_descriptor(c, [cfg.v, cfg.d])
     tma = e_desc is not None and c_desc is not None
     _cce_fwd_kernel[(token_blocks, splits)](
-        e_desc if tma else e3, c_desc if tma else c, bias_arg, y2, parts, parts.view(torch.int32),
-        n, v, d, layout.seq_len, vocab_start, triton.cdiv(vocab_tiles, splits),
-        e3.stride(0), e3.stride(1), e3.stride(2), c.stride(0), c.stride(1),
-        bias_arg.stride(0), y2.stride(0), y2.stride(1), parts.stride(0),
-        float(logit_scale), float(softcap or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        UPCAST=upcast_tiles(c.dtype), DOT_PRECISION=dot_precision(c.dtype),
-        BLOCK_N=cfg.n, BLOCK_V=cfg.v, BLOCK_D=cfg.d, SPLIT_ACC=cfg.split_acc, EVEN_D=d % cfg.d == 0, TMA=tma,
-        FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.warps, num_stages=cfg.stages,
+        e_desc if tma else e3,
+        c_desc if tma else c,
+        bias_arg,
+        y2,
+        parts,
+        parts.view(torch.int32),
+        n,
+        v,
+        d,
+        layout.seq_len,
+        vocab_start,
+        triton.cdiv(vocab_tiles, splits),
+        e3.stride(0),
+        e3.stride(1),
+        e3.stride(2),
+        c.stride(0),
+        c.stride(1),
+        bias_arg.stride(0),
+        y2.stride(0),
+        y2.stride(1),
+        parts.stride(0),
+        float(logit_scale),
+        float(softcap or 1.0),
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        UPCAST=upcast_tiles(c.dtype),
+        DOT_PRECISION=dot_precision(c.dtype),
+        BLOCK_N=cfg.n,
+        BLOCK_V=cfg.v,
+        BLOCK_D=cfg.d,
+        SPLIT_ACC=cfg.split_acc,
+        EVEN_D=d % cfg.d == 0,
+        TMA=tma,
+        FLATTEN=cfg.flatten,
+        WARP_SPECIALIZE=cfg.warp_specialize,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     return parts[0] if splits == 1 else merge_partials(parts)

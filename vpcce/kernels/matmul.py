@@ -35,13 +35,32 @@ def _grad_matmul_kernel(
     lo_ptr,  # [M, N] contiguous 16-bit residual (HI_LO only)
     skip_ptr,  # int8 tile flags (SKIP only)
     # shapes
-    M, N, K, b_seq, out_seq,
+    M,
+    N,
+    K,
+    b_seq,
+    out_seq,
     # strides
-    stride_am, stride_ak, stride_b_b, stride_b_t, stride_bn, stride_out_b, stride_out_t,
-    stride_on, stride_skm, stride_skk,
-    MODE: tl.constexpr, SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_am,
+    stride_ak,
+    stride_b_b,
+    stride_b_t,
+    stride_bn,
+    stride_out_b,
+    stride_out_t,
+    stride_on,
+    stride_skm,
+    stride_skk,
+    MODE: tl.constexpr,
+    SKIP: tl.constexpr,
+    SKIP_M: tl.constexpr,
+    SKIP_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     tl.static_assert(SKIP_M % BLOCK_M == 0, "a filter tile must cover whole M blocks")
     tl.static_assert(SKIP_K % BLOCK_K == 0, "a filter tile must cover whole K steps")
@@ -57,7 +76,9 @@ def _grad_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         keep = True
         if SKIP:
-            flag = tl.load(skip_ptr + (pid_m * BLOCK_M // SKIP_M) * stride_skm + (k0 // SKIP_K) * stride_skk)
+            flag = tl.load(
+                skip_ptr + (pid_m * BLOCK_M // SKIP_M) * stride_skm + (k0 // SKIP_K) * stride_skk
+            )
             keep = flag == 0
         if keep:
             if TMA:
@@ -68,12 +89,14 @@ def _grad_matmul_kernel(
                 k_mask = k < K
                 a = tl.load(
                     a_ptr + a_rows[:, None] + k[None, :].to(tl.int64) * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
                 )
                 b_rows = row_offsets(k, b_seq, stride_b_b, stride_b_t)
                 b = tl.load(
                     b_ptr + b_rows[:, None] + n[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0,
+                    mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0,
                 )
             if UPCAST:
                 a = a.to(tl.float32)
@@ -128,12 +151,36 @@ def grad_matmul(
     b_desc = tma_descriptor(b3[0] if b3.shape[0] == 1 else None, [block_k, block_n])
     tma = a_desc is not None and b_desc is not None
     _grad_matmul_kernel[grid](
-        a_desc if tma else a, b_desc if tma else b3, out3, lo_arg, skip_arg,
-        m, n, k, b3.shape[1], out3.shape[1],
-        a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
-        out3.stride(0), out3.stride(1), out3.stride(2),
-        skip.stride(0) if skip is not None else 0, skip.stride(1) if skip is not None else 0,
-        MODE=mode, SKIP=skip is not None, SKIP_M=skip_tile[0], SKIP_K=skip_tile[1],
-        UPCAST=upcast, DOT_PRECISION=precision, TMA=tma,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        a_desc if tma else a,
+        b_desc if tma else b3,
+        out3,
+        lo_arg,
+        skip_arg,
+        m,
+        n,
+        k,
+        b3.shape[1],
+        out3.shape[1],
+        a.stride(0),
+        a.stride(1),
+        b3.stride(0),
+        b3.stride(1),
+        b3.stride(2),
+        out3.stride(0),
+        out3.stride(1),
+        out3.stride(2),
+        skip.stride(0) if skip is not None else 0,
+        skip.stride(1) if skip is not None else 0,
+        MODE=mode,
+        SKIP=skip is not None,
+        SKIP_M=skip_tile[0],
+        SKIP_K=skip_tile[1],
+        UPCAST=upcast,
+        DOT_PRECISION=precision,
+        TMA=tma,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
     )

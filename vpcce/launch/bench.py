@@ -111,19 +111,27 @@ class BenchConfig:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
-        if any(isinstance(h, bool) or not isinstance(h, (int, float)) or h <= 0 for h in self.entropies):
+        if any(
+            isinstance(h, bool) or not isinstance(h, (int, float)) or h <= 0 for h in self.entropies
+        ):
             raise ValueError(f"entropies must be positive numbers (nats), got {self.entropies!r}")
         self.entropies = [float(h) for h in self.entropies]
         if not self.flat and not self.entropies:
             raise ValueError("no data set: flat is false and entropies is empty")
         unknown = [m for m in self.methods if m not in M.METHODS]
         if not self.methods or unknown or len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods must be distinct names from {sorted(M.METHODS)}, got {self.methods!r}")
+            raise ValueError(
+                f"methods must be distinct names from {sorted(M.METHODS)}, got {self.methods!r}"
+            )
         if not self.kinds or any(k not in KINDS for k in self.kinds):
-            raise ValueError(f"kinds must be a non-empty list from {list(KINDS)}, got {self.kinds!r}")
+            raise ValueError(
+                f"kinds must be a non-empty list from {list(KINDS)}, got {self.kinds!r}"
+            )
         self.kinds = [k for k in KINDS if k in self.kinds]
         if self.plot_data is not None and self.plot_data not in self.data_names():
-            raise ValueError(f"plot_data must be one of {self.data_names()}, got {self.plot_data!r}")
+            raise ValueError(
+                f"plot_data must be one of {self.data_names()}, got {self.plot_data!r}"
+            )
 
     def data_names(self) -> list[str]:
         return (["flat"] if self.flat else []) + [peaked_name(h) for h in self.entropies]
@@ -153,7 +161,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def load_config(path: str | Path | None, overrides=()) -> BenchConfig:
-    """`BenchConfig` from a YAML mapping (or the defaults), then ``key=value`` overrides in order."""
+    """`BenchConfig` from a YAML mapping (or the defaults), then ``key=value`` overrides."""
     raw = {}
     if path is not None:
         path = Path(path)
@@ -248,31 +256,36 @@ def _importable(module: str) -> bool:
     return True
 
 
-def _make_data(run: Run) -> list[tuple[str, Batch]]:
-    """Every data set at the largest N (smaller N use its first tokens); rank 0's copy everywhere."""
+def _data_sets(run: Run) -> list[tuple[str, object]]:
+    """(name, make) of every data set, made at the largest N (smaller N use its first tokens)."""
     cfg, n, dtype, dev = run.cfg, max(run.cfg.n), DTYPES[run.cfg.dtype], run.device
     sets = []
     if cfg.flat:
         sets.append(("flat", lambda: flat(n, cfg.d, cfg.v, dtype=dtype, device=dev, seed=cfg.seed)))
     for h in cfg.entropies:
-        sets.append((peaked_name(h), lambda h=h: lm_like(
+        make = lambda h=h: lm_like(
             n, cfg.d, cfg.v, entropy=h, dtype=dtype, device=dev, seed=cfg.seed,
             sort_vocab=cfg.sort_vocab,
-        )))
-    out = []
-    for name, make in sets:
-        t0 = time.perf_counter()
-        batch = make()
-        if run.world > 1:  # the generators agree on one device type, but do not rely on it
-            for t in (batch.e, batch.c, batch.targets):
-                dist.broadcast(t, src=0)
-            stats = [batch.mean_entropy, batch.mean_nll]
-            dist.broadcast_object_list(stats, src=0)
-            batch.mean_entropy, batch.mean_nll = stats
-        run.log(f"data {name}: mean entropy {batch.mean_entropy:.3f} nats, mean NLL "
-                f"{batch.mean_nll:.3f} ({time.perf_counter() - t0:.1f} s)")
-        out.append((name, batch))
-    return out
+        )  # fmt: skip
+        sets.append((peaked_name(h), make))
+    return sets
+
+
+def _load(run: Run, name: str, make) -> Batch:
+    """One data set; under torchrun rank 0's copy (the generators agree, but do not rely on it)."""
+    t0 = time.perf_counter()
+    batch = make()
+    if run.world > 1:
+        for t in (batch.e, batch.c, batch.targets):
+            dist.broadcast(t, src=0)
+        stats = [batch.mean_entropy, batch.mean_nll]
+        dist.broadcast_object_list(stats, src=0)
+        batch.mean_entropy, batch.mean_nll = stats
+    run.log(
+        f"data {name}: mean entropy {batch.mean_entropy:.3f} nats, mean NLL "
+        f"{batch.mean_nll:.3f} ({time.perf_counter() - t0:.1f} s)"
+    )
+    return batch
 
 
 # ---- truth, timing, memory ----
@@ -312,7 +325,7 @@ def _sync(run: Run) -> None:
 
 
 def median_ms(run: Run, op, setup=None) -> float:
-    """Median ms of ``op(setup())`` (``setup`` untimed) over ``rep`` after ``warmup`` repetitions."""
+    """Median ms of ``op(setup())`` (``setup`` untimed) over ``rep`` after ``warmup`` more."""
     cfg, cuda = run.cfg, run.device.type == "cuda"
     for _ in range(cfg.warmup):
         op(setup() if setup else None)
@@ -393,6 +406,23 @@ def _agreed_status(run: Run, status: str) -> str:
 # ---- one shape ----
 
 
+def _errors(run: Run, fn, e, c, y, truth) -> dict | None:
+    """One forward + backward; its errors against ``truth`` (loss, dE, this rank's dC rows)."""
+    loss = fn(e, c, y)
+    de, dc = torch.autograd.grad(loss, (e, c))
+    if truth is None:
+        return None
+    t_loss, t_de, t_dc = truth
+    loss_err = (abs(loss.double() - t_loss) / t_loss.abs()).item()
+    de_err = ((de.double() - t_de).norm() / t_de.norm()).item()
+    dc_sq = torch.stack([(dc.double() - t_dc).norm() ** 2, t_dc.norm() ** 2])
+    if run.world > 1:  # dC rows are split over the ranks: sum the squared norms
+        dist.all_reduce(dc_sq)
+    dc_diff, dc_ref = dc_sq.tolist()
+    loss_err, de_err = _reduce_max(run, [loss_err, de_err])
+    return dict(loss=loss_err, de=de_err, dc=math.sqrt(dc_diff / dc_ref))
+
+
 def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[dict]:
     """Rows (floor first) for the first ``n`` tokens of one data set; ``fns``: name -> loss."""
     cfg, s = run.cfg, run.setting
@@ -402,8 +432,16 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
     if cfg.floor:
         with torch.no_grad():
             t = _reduce_max(run, [median_ms(run, lambda _: M.gemm(e, c))])[0]
-        rows.append(dict(data=data, n=n, method=FLOOR, status="ok", gemm_ms=t,
-                         ms={k: FLOOR_FACTOR[k] * t for k in cfg.kinds}))
+        rows.append(
+            dict(
+                data=data,
+                n=n,
+                method=FLOOR,
+                status="ok",
+                gemm_ms=t,
+                ms={k: FLOOR_FACTOR[k] * t for k in cfg.kinds},
+            )
+        )
     results = {name: dict(data=data, n=n, method=name, status="ok") for name in fns}
     live = lambda: [name for name in fns if results[name]["status"] == "ok"]
     e_, c_ = e.detach().requires_grad_(), c.detach().requires_grad_()
@@ -413,20 +451,11 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
     for name in live():
         status = "ok"
         try:
-            loss = fns[name](e_, c_, y)
-            de, dc = torch.autograd.grad(loss, (e_, c_))
-            if truth is not None:
-                t_loss, t_de, t_dc = truth
-                loss_err = abs(loss.double() - t_loss) / t_loss.abs()
-                de_err = (de.double() - t_de).norm() / t_de.norm()
-                dc_sq = torch.stack([(dc.double() - t_dc).norm() ** 2, t_dc.norm() ** 2])
-                if run.world > 1:
-                    dist.all_reduce(dc_sq)
-                errs = _reduce_max(run, [loss_err.item(), de_err.item()])
-                results[name]["err"] = dict(loss=errs[0], de=errs[1], dc=math.sqrt(dc_sq[0] / dc_sq[1]))
-            del loss, de, dc
-        except Exception as err:  # noqa: BLE001 - reported in the table, the sweep goes on
-            status = _not_run(err)
+            err = _errors(run, fns[name], e_, c_, y, truth)
+            if err is not None:
+                results[name]["err"] = err
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the sweep goes on
+            status = _not_run(exc)
         results[name]["status"] = _agreed_status(run, status)
         _free(run)
     del truth
@@ -448,9 +477,13 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
         results[name]["status"] = _agreed_status(run, status)
         if results[name]["status"] == "ok":
             kinds = list(ms)
-            results[name]["ms"] = dict(zip(kinds, _reduce_max(run, [ms[k] for k in kinds])))
+            results[name]["ms"] = dict(
+                zip(kinds, _reduce_max(run, [ms[k] for k in kinds]), strict=True)
+            )
             if mem:
-                results[name]["mem_mb"] = dict(zip(kinds, _reduce_max(run, [mem[k] for k in kinds])))
+                results[name]["mem_mb"] = dict(
+                    zip(kinds, _reduce_max(run, [mem[k] for k in kinds]), strict=True)
+                )
         _free(run)
         run.log(f"  {data} N {n} {name}: " + _summary(results[name]))
     return rows + list(results.values())
@@ -478,7 +511,9 @@ def environment(run: Run) -> dict:
     dev = run.device
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu ({platform.machine()})",
         "device_type": dev.type,
         "cpu_threads": torch.get_num_threads(),
         "world_size": run.world,
@@ -513,7 +548,10 @@ def markdown(report: dict) -> str:
         "",
     ]
     for d in report["data"]:
-        lines.append(f"- `{d['name']}`: mean entropy {d['mean_entropy']:.2f} nats, mean NLL {d['mean_nll']:.2f}")
+        lines.append(
+            f"- `{d['name']}`: mean entropy {d['mean_entropy']:.2f} nats, "
+            f"mean NLL {d['mean_nll']:.2f}"
+        )
     lines.append("")
     head = ["data", "N", "method"] + [f"{k} ms" for k in kinds]
     if cfg["memory"]:
@@ -563,10 +601,10 @@ def plot(report: dict, path: Path) -> str | None:
         label = f"GEMM floor (x{FLOOR_FACTOR[kind]})" if name == FLOOR else name
         pts = [(r["n"], r["ms"][kind]) for r in mine if r.get("ms", {}).get(kind, 0) > 0]
         if pts:
-            ax_t.plot(*zip(*pts), label=label, **style)
+            ax_t.plot(*zip(*pts, strict=True), label=label, **style)
         pts = [(r["n"], r["mem_mb"][kind]) for r in mine if r.get("mem_mb", {}).get(kind, 0) > 0]
         if pts and name != FLOOR:
-            ax_m.plot(*zip(*pts), label=label, **style)
+            ax_m.plot(*zip(*pts, strict=True), label=label, **style)
     for ax, what in ((ax_t, f"median {kind} time (ms)"), (ax_m, f"{kind} op memory (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -577,8 +615,10 @@ def plot(report: dict, path: Path) -> str | None:
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{cfg['name']}: D {cfg['d']} x V {cfg['v']} {cfg['dtype']}, data {data}, "
-                 f"{report['env']['device']}, world {report['env']['world_size']}")
+    fig.suptitle(
+        f"{cfg['name']}: D {cfg['d']} x V {cfg['v']} {cfg['dtype']}, data {data}, "
+        f"{report['env']['device']}, world {report['env']['world_size']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -599,19 +639,24 @@ def bench(cfg: BenchConfig) -> dict:
             except M.Unavailable as err:
                 unavailable[name] = str(err)
                 run.log(f"{name}: not run: {err}")
-        data = _make_data(run)
-        results = []
-        for data_name, batch in data:
+        data, results = [], []
+        for data_name, make in _data_sets(run):
+            batch = _load(run, data_name, make)
+            data.append(
+                dict(name=data_name, mean_entropy=batch.mean_entropy, mean_nll=batch.mean_nll)
+            )
             for n in cfg.n:
                 run.log(f"{data_name} N {n}:")
                 results += bench_shape(run, data_name, batch, n, fns)
+            del batch
+            _free(run)
         report = dict(
             config=dataclasses.asdict(cfg),
             env=environment(run),
             methods={name: M.METHODS[name].about for name in cfg.methods},
             definitions=_DEFINITIONS,
             shard=dict(rank0_start=run.setting.start, rank0_stop=run.setting.stop),
-            data=[dict(name=name, mean_entropy=b.mean_entropy, mean_nll=b.mean_nll) for name, b in data],
+            data=data,
             results=results,
             unavailable=unavailable,
         )
@@ -635,7 +680,8 @@ _DEFINITIONS = {
     "bw": "autograd.grad of the loss w.r.t. (e, c), forward untimed",
     "fw+bw": "both",
     "time": "median over rep repetitions after warmup (CUDA events / perf_counter); max over ranks",
-    "op memory": "peak during the op minus allocated before it, minus returned gradients; max over ranks",
+    "op memory": "peak during the op minus allocated before it, minus returned gradients; "
+    "max over ranks",
     "error": "|loss - t|/|t|, ||x - t||/||t|| vs an fp64 truth from the same inputs",
     "floor": "GEMM e @ c.T of the same shape: fw 1x, bw 3x, fw+bw 4x its median time",
 }
@@ -643,7 +689,8 @@ _DEFINITIONS = {
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Config keys: " + ", ".join(f.name for f in dataclasses.fields(BenchConfig)),
     )
     parser.add_argument("--config", default=None, help="YAML file of config keys")

@@ -43,7 +43,12 @@ import torch.distributed as dist
 from vpcce import VocabParallelOptions, linear_cross_entropy
 from vpcce.parallel import shard_range
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 # Lowest tolerance per input dtype (loss and LSE, gradients): fp32 and fp64 losses carry a few ulps
 # of summation-order difference; 16-bit gradients are rounded to 8 (bf16) or 11 (fp16) bits; the
 # hidden gradient is summed over ranks in VocabParallelOptions.reduce_dtype (fp32 by default, also
@@ -58,7 +63,12 @@ SINGLE_RANK_FACTOR = 4.0  # vocab-parallel error may be this many times the sing
 INJECTED_SCALE = 1.1  # --inject-error: the chosen rank's dC is off by 10 %
 
 _OPTIONS = dict(
-    bias=True, softcap=2.0, label_smoothing=0.1, ignore=True, shift=1, reduction="none",
+    bias=True,
+    softcap=2.0,
+    label_smoothing=0.1,
+    ignore=True,
+    shift=1,
+    reduction="none",
     return_lse=True,
 )
 CASES = {
@@ -73,7 +83,7 @@ CASES = {
 def make_inputs(world: int, args, dtype: torch.dtype, device) -> dict:
     """The global inputs every rank builds identically (seeded CPU generator, then moved)."""
     g = torch.Generator().manual_seed(args.seed)
-    b, t, d, v = 2 * world, args.t, args.d, args.v
+    b, t, d, v = 2 * world, args.seq_len, args.hidden, args.vocab
     e = torch.randn(b, t, d, generator=g)
     c = 0.3 * (16 / d) ** 0.5 * torch.randn(v, d, generator=g)  # logits of std ~1.2
     bias = 0.5 * torch.randn(v, generator=g)
@@ -87,21 +97,34 @@ def make_inputs(world: int, args, dtype: torch.dtype, device) -> dict:
     ignored = targets.clone()
     ignored.view(-1)[len(edges) + 1 :: 4] = -100  # every 4th token after the boundary ids
     return dict(
-        e=move(e.to(dtype)), c=move(c.to(dtype)), bias=move(bias.to(dtype)),
-        targets=move(targets), ignored=move(ignored), w_loss=move(w_loss), w_lse=move(w_lse),
+        e=move(e.to(dtype)),
+        c=move(c.to(dtype)),
+        bias=move(bias.to(dtype)),
+        targets=move(targets),
+        ignored=move(ignored),
+        w_loss=move(w_loss),
+        w_lse=move(w_lse),
     )
 
 
 def forward_backward(case: dict, data: dict, *, e, c, bias, impl: str, vp=None) -> dict:
-    """Loss, LSE and the gradients of ``e``, ``c``, ``bias`` of one call (vocab-parallel if ``vp``)."""
+    """Loss, LSE and gradients of ``e``, ``c``, ``bias`` of one call (vocab-parallel if ``vp``)."""
     targets = data["ignored"] if case.get("ignore") else data["targets"]
     shift = case.get("shift", 0)
     leaves = [x.detach().clone().requires_grad_() for x in (e, c, bias) if x is not None]
     out = linear_cross_entropy(
-        leaves[0], leaves[1], targets, leaves[2] if bias is not None else None,
-        softcap=case.get("softcap"), reduction=case.get("reduction", "mean"), shift=shift,
-        return_lse=case.get("return_lse", False), impl=impl, vocab_parallel_options=vp,
-        label_smoothing=case.get("label_smoothing", 0.0), logit_scale=case.get("logit_scale", 1.0),
+        leaves[0],
+        leaves[1],
+        targets,
+        leaves[2] if bias is not None else None,
+        softcap=case.get("softcap"),
+        reduction=case.get("reduction", "mean"),
+        shift=shift,
+        return_lse=case.get("return_lse", False),
+        impl=impl,
+        vocab_parallel_options=vp,
+        label_smoothing=case.get("label_smoothing", 0.0),
+        logit_scale=case.get("logit_scale", 1.0),
     )
     loss, lse = out if case.get("return_lse") else (out, None)
     weight = lambda w: w[..., shift:].to(loss.dtype)
@@ -110,8 +133,11 @@ def forward_backward(case: dict, data: dict, *, e, c, bias, impl: str, vp=None) 
         objective = objective + (lse * weight(data["w_lse"])).sum()
     grads = torch.autograd.grad(objective, leaves)
     return dict(
-        loss=loss.detach(), lse=None if lse is None else lse.detach(),
-        de=grads[0], dc=grads[1], dbias=grads[2] if bias is not None else None,
+        loss=loss.detach(),
+        lse=None if lse is None else lse.detach(),
+        de=grads[0],
+        dc=grads[1],
+        dbias=grads[2] if bias is not None else None,
     )
 
 
@@ -131,11 +157,14 @@ def check_case(name: str, case: dict, rank: int, world: int, args, device) -> li
     dtype = DTYPES[args.dtype]
     data = make_inputs(world, args, dtype, device)
     full = dict(e=data["e"], c=data["c"], bias=data["bias"] if case.get("bias") else None)
-    vp = VocabParallelOptions.from_vocab(args.v, sequence_parallel=case.get("sp", False))
+    vp = VocabParallelOptions.from_vocab(args.vocab, sequence_parallel=case.get("sp", False))
 
     # 1. vocab-parallel: this rank's shard (and token slice under sequence parallelism)
     mine = forward_backward(
-        case, data, impl=args.impl, vp=vp,
+        case,
+        data,
+        impl=args.impl,
+        vp=vp,
         e=full["e"].chunk(world, dim=0)[rank] if vp.sequence_parallel else full["e"],
         c=full["c"][vp.start : vp.stop],
         bias=None if full["bias"] is None else full["bias"][vp.start : vp.stop],
@@ -199,7 +228,11 @@ def _setup(args):
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if args.impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if (
+        args.impl == "triton"
+        and device.type != "cuda"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         if "vpcce.kernels" in sys.modules:
             raise ValueError("--impl triton on CPU needs TRITON_INTERPRET=1 in the environment")
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported and decorated
@@ -207,16 +240,19 @@ def _setup(args):
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:  # a plain `python -m vpcce.launch.check`: a group of one
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def _describe(world: int, args, device) -> str:
-    sizes = [b - a for a, b in (shard_range(args.v, r, world) for r in range(world))]
+    sizes = [b - a for a, b in (shard_range(args.vocab, r, world) for r in range(world))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return (
         f"vpcce cluster check: world {world}, backend {dist.get_backend()}, device {name}, "
-        f"impl {args.impl}, dtype {args.dtype}; e [{2 * world}, {args.t}, {args.d}], V {args.v} "
+        f"impl {args.impl}, dtype {args.dtype}; "
+        f"e [{2 * world}, {args.seq_len}, {args.hidden}], V {args.vocab} "
         f"(shard rows {sizes if world <= 16 else f'{min(sizes)}..{max(sizes)}'}); "
         f"cases {', '.join(CASES)}"
     )
@@ -229,21 +265,30 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default=None, help="nccl (CUDA) if available, else gloo")
     parser.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--t", type=int, default=9, help="sequence length (shift is along it)")
-    parser.add_argument("--d", type=int, default=40, help="hidden size")
-    parser.add_argument("--v", type=int, default=1031, help="global vocabulary size")
+    # (no --t / --d / --v: torchrun would take them for abbreviations of its own options)
+    parser.add_argument("--seq-len", type=int, default=9, help="T (the shift is along it)")
+    parser.add_argument("--hidden", type=int, default=40, help="D")
+    parser.add_argument("--vocab", type=int, default=1031, help="global vocabulary size V")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout, seconds")
-    parser.add_argument("--inject-error", type=int, default=None, metavar="RANK",
-                        help="self-test: perturb this rank's dC so that it must FAIL")
+    parser.add_argument(
+        "--inject-error",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="self-test: perturb this rank's dC so that it must FAIL",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="rank 0 prints every error")
     args = parser.parse_args(argv)
-    if args.t < 2 or args.d < 1 or args.v < 1:
-        parser.error(f"need --t >= 2, --d >= 1, --v >= 1; got {args.t}, {args.d}, {args.v}")
+    if args.seq_len < 2 or args.hidden < 1 or args.vocab < 1:
+        parser.error(
+            "need --seq-len >= 2, --hidden >= 1, --vocab >= 1; "
+            f"got {args.seq_len}, {args.hidden}, {args.vocab}"
+        )
 
     rank, world, device = _setup(args)
-    if args.v < world:
-        parser.error(f"--v {args.v} gives some of the {world} ranks an empty shard")
+    if args.vocab < world:
+        parser.error(f"--vocab {args.vocab} gives some of the {world} ranks an empty shard")
     records = []
     try:
         for name, case in CASES.items():

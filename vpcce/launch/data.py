@@ -41,7 +41,14 @@ def sample_stats(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, sample
 
 
 def lm_like(
-    n: int, d: int, v: int, *, entropy: float, dtype=torch.bfloat16, device="cpu", seed: int = 0,
+    n: int,
+    d: int,
+    v: int,
+    *,
+    entropy: float,
+    dtype=torch.bfloat16,
+    device="cpu",
+    seed: int = 0,
     sort_vocab: bool = False,
 ) -> Batch:
     """Peaked data whose mean softmax entropy is about ``entropy`` nats (bisection on a scale).
@@ -55,7 +62,11 @@ def lm_like(
     unigram /= unigram.norm()
     # log-Zipf profile in [-1, 0]: the most frequent token 0, the rarest -1
     profile = -torch.log(torch.arange(1, v + 1, dtype=torch.float32, device=device)) / math.log(v)
-    ids = torch.arange(v, device=device) if sort_vocab else torch.randperm(v, generator=gen, device=device)
+    ids = (
+        torch.arange(v, device=device)
+        if sort_vocab
+        else torch.randperm(v, generator=gen, device=device)
+    )
     c[ids] += 0.6 * profile[:, None] * unigram[None, :]  # rank-r token gets profile[r]
     targets = ids[_zipf(n, v, gen, device)]
     others = ids[_zipf(n * 4, v, gen, device)].view(n, 4)

@@ -132,7 +132,9 @@ def timings(e, c, y) -> dict:
     with torch.no_grad():
         out["fw"] = do_bench(lambda: vpcce_loss(e, c, y), warmup=50, rep=300, return_mode="median")
     for mode, kw in MODES.items():
-        out[f"fwbw_{mode}"] = do_bench(step(vpcce_loss, **kw), warmup=50, rep=500, return_mode="median")
+        out[f"fwbw_{mode}"] = do_bench(
+            step(vpcce_loss, **kw), warmup=50, rep=500, return_mode="median"
+        )
     out["fwbw_baseline"] = do_bench(step(baseline), warmup=50, rep=500, return_mode="median")
     return out
 
@@ -142,14 +144,18 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--d", type=int, default=2304)
     parser.add_argument("--v", type=int, default=256000)
-    parser.add_argument("--entropy", type=float, default=5.0, help="mean entropy of the peaked data")
+    parser.add_argument(
+        "--entropy", type=float, default=5.0, help="mean entropy of the peaked data"
+    )
     parser.add_argument("--no-time", dest="time", action="store_false")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     dev = torch.device("cuda")
     rows = []
     batches = {
-        f"peaked~{args.entropy:g}": lambda: lm_like(args.n, args.d, args.v, entropy=args.entropy, device=dev),
+        f"peaked~{args.entropy:g}": lambda: lm_like(
+            args.n, args.d, args.v, entropy=args.entropy, device=dev
+        ),
         "flat": lambda: flat(args.n, args.d, args.v, device=dev),
     }
     for name, make in batches.items():
@@ -157,20 +163,34 @@ def main(argv=None):
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": [args.n, args.d, args.v], "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "shape": [args.n, args.d, args.v],
+                    "device": torch.cuda.get_device_name(),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     print(f"\n### N {args.n} x D {args.d} x V {args.v}, bf16, {torch.cuda.get_device_name()}")
     print("| data | H / NLL | method | loss err | dE err | dC err |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         for label in ("baseline", *MODES):
             m = r[label]
-            print(f"| {r['data']} | {r['entropy']:.2f} / {r['nll']:.2f} | {label} | {m['loss_err']:.1e} | {m['de_err']:.1e} | {m['dc_err']:.1e} |")
-    print("\n| data | deterministic | no host sync | extra MB exact | extra MB default | gemm ms | fw ms | fw+bw exact | fw+bw default | fw+bw baseline |")
+            print(
+                f"| {r['data']} | {r['entropy']:.2f} / {r['nll']:.2f} | {label} | {m['loss_err']:.1e} | {m['de_err']:.1e} | {m['dc_err']:.1e} |"
+            )
+    print(
+        "\n| data | deterministic | no host sync | extra MB exact | extra MB default | gemm ms | fw ms | fw+bw exact | fw+bw default | fw+bw baseline |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r.get("ms", {})
         fmt = lambda k: f"{t[k]:.2f}" if k in t else "-"
-        print(f"| {r['data']} | {r['bitwise_deterministic']} | {r['no_host_sync']} | {r['exact_extra_mb']:.1f} | {r['default_extra_mb']:.1f} | {fmt('gemm')} | {fmt('fw')} | {fmt('fwbw_exact')} | {fmt('fwbw_default')} | {fmt('fwbw_baseline')} |")
+        print(
+            f"| {r['data']} | {r['bitwise_deterministic']} | {r['no_host_sync']} | {r['exact_extra_mb']:.1f} | {r['default_extra_mb']:.1f} | {fmt('gemm')} | {fmt('fw')} | {fmt('fwbw_exact')} | {fmt('fwbw_default')} | {fmt('fwbw_baseline')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -90,6 +90,25 @@ def build_model(args, dtype, device):
     )
 
 
+class _MainGradAdamW:
+    """``--device cpu``: torch's AdamW (clipped at 1.0) reading DDP's fp32 ``main_grad``; returns
+    ``(True, grad_norm, None)`` from ``step`` like Megatron's optimizers."""
+
+    def __init__(self, params, lr):
+        self.params = [p for p in params if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self):
+        for p in self.params:
+            p.grad = p.main_grad.to(p.dtype)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return True, norm, None
+
+
 def train(args, path: str, data, init_state, device, dtype) -> dict:
     """One run; ``path`` is "megatron" (GPTModel's own loss) or "vpcce" (``patch(model)``)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -101,27 +120,30 @@ def train(args, path: str, data, init_state, device, dtype) -> dict:
     model = build_model(args, dtype, device).to(device)
     if init_state is not None:
         model.load_state_dict(init_state)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-             if isinstance(v, torch.Tensor)}
+    state = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+             for k, v in model.state_dict().items()}
     if path == "vpcce":
         patch(model, impl=args.impl)
     ddp = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
     )
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=1.0,
-                        bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                        use_distributed_optimizer=False),
-        [ddp],
-    )
+    cuda = device.type == "cuda"
+    if cuda:
+        opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=1.0,
+                            bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                            use_distributed_optimizer=False),
+            [ddp],
+        )
+    else:  # Megatron's optimizers allocate on CUDA: AdamW on DDP's main_grad buffers instead
+        opt = _MainGradAdamW(model.parameters(), lr=args.lr)
     s = args.seq_len
     position_ids = torch.arange(s, device=device)[None].expand(args.micro_batch, s)
     causal = torch.ones(1, 1, s, s, dtype=torch.bool, device=device).triu(1)
-    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    losses, step_peaks, grad_norms = [], [], []
+    losses, grad_norms, step_peaks, run_peaks = [], [], [], []
     t0 = time.perf_counter()
     for tokens, labels, loss_mask in data:
         start = torch.cuda.memory_allocated() if cuda else 0
@@ -132,16 +154,18 @@ def train(args, path: str, data, init_state, device, dtype) -> dict:
         per_token = ddp(tokens, position_ids, causal, labels=labels)  # [b, s] fp32
         loss = (per_token * loss_mask).sum() / loss_mask.sum()
         loss.backward()
-        ddp.finish_grad_sync()
+        if cuda:  # one data-parallel rank: nothing to reduce (and the sync needs CUDA streams)
+            ddp.finish_grad_sync()
         _, grad_norm, _ = opt.step()
         losses.append(loss.item())
         grad_norms.append(float(grad_norm) if grad_norm is not None else math.nan)
-        step_peaks.append(torch.cuda.max_memory_allocated() - start if cuda else 0)
+        if cuda:
+            run_peaks.append(torch.cuda.max_memory_allocated())
+            step_peaks.append(run_peaks[-1] - start)
     seconds = time.perf_counter() - t0
-    run_peak = torch.cuda.max_memory_allocated() if cuda else 0
     return {
         "losses": losses, "grad_norms": grad_norms, "seconds": seconds,
-        "peak_bytes": max([run_peak, *[p for p in step_peaks]]) if cuda else None,
+        "peak_bytes": max(run_peaks) if cuda else None,
         "step_peak_bytes": max(step_peaks) if cuda else None,
         "params": sum(p.numel() for p in model.parameters()), "init_state": state,
     }

@@ -1,4 +1,4 @@
-"""The loss implementations the benchmark compares, each a function ``(e, c, targets) -> mean loss``.
+"""The loss implementations the benchmark compares: functions ``(e, c, targets) -> mean loss``.
 
 ``e``: ``[N, D]`` hidden states, ``c``: ``[V_local, D]`` this rank's classifier rows
 ``[start, stop)`` (all of them in a single process), ``targets``: ``[N]`` global ids. A method's
@@ -106,13 +106,17 @@ def _vpcce_options(s: Setting) -> VocabParallelOptions | None:
     return None if s.world == 1 else VocabParallelOptions(s.start, s.stop, s.group)
 
 
-@_register("vpcce_exact", "vpcce, exact backward (filter_eps=None; impl cce_exact, or torch on CPU)")
+@_register(
+    "vpcce_exact", "vpcce, exact backward (filter_eps=None; impl cce_exact, or torch on CPU)"
+)
 def _vpcce_exact(s: Setting) -> LossFn:
     impl = "cce_exact" if s.vpcce_impl == "triton" else "torch"
     opts = _vpcce_options(s)
 
     def loss(e, c, y):
-        return linear_cross_entropy(e, c, y, impl=impl, filter_eps=None, vocab_parallel_options=opts)
+        return linear_cross_entropy(
+            e, c, y, impl=impl, filter_eps=None, vocab_parallel_options=opts
+        )
 
     return loss
 
@@ -143,7 +147,9 @@ def _compiled(s: Setting) -> LossFn:
     return torch.compile(compiled_baseline, dynamic=False)
 
 
-@_register("megatron", "Megatron-Core vocab_parallel_cross_entropy on e @ c.T ([s, b, V/tp] logits)")
+@_register(
+    "megatron", "Megatron-Core vocab_parallel_cross_entropy on e @ c.T ([s, b, V/tp] logits)"
+)
 def _megatron(s: Setting) -> LossFn:
     try:
         from megatron.core import parallel_state

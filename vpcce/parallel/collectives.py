@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from vpcce.parallel.options import VocabParallelOptions, group_rank_and_size
 
-# torch >= 2.13 renames the tensor-in/tensor-out collectives; older releases only have the old names.
+# torch >= 2.13 renames the tensor-in/tensor-out collectives; older releases have the old names.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -70,11 +70,14 @@ def _check_rows(rows: list[list[int]], rank: int) -> int:
     tokens = {r[2] for r in rows}
     if len(tokens) > 1:
         per_rank = {i: r[2] for i, r in enumerate(rows)}
-        raise LayoutError(f"ranks disagree on the number of tokens N: {per_rank} (seen on rank {rank})")
+        raise LayoutError(
+            f"ranks disagree on the number of tokens N: {per_rank} (seen on rank {rank})"
+        )
     if len({r[3] for r in rows}) > 1:
         raise LayoutError(
             "ranks disagree on the loss options (reduction, shift, ignore_index, label_smoothing, "
-            f"softcap, logit_scale, sequence_parallel, reduce_e_grad, vocab size) (seen on rank {rank})"
+            "softcap, logit_scale, sequence_parallel, reduce_e_grad, vocab size) "
+            f"(seen on rank {rank})"
         )
     shards = sorted((r[0], r[1], i) for i, r in enumerate(rows))
     expected = 0
@@ -103,7 +106,9 @@ def gather_partials(parts: torch.Tensor, opts: VocabParallelOptions) -> torch.Te
 def gather_tokens(local: torch.Tensor, opts: VocabParallelOptions) -> torch.Tensor:
     """Sequence parallel: ``[n, ...]`` per rank -> ``[W * n, ...]`` concatenated in rank order."""
     world = world_size(opts)
-    out = torch.empty((world * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    out = torch.empty(
+        (world * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device
+    )
     _all_gather(out, local.contiguous(), group=opts.group)
     return out
 
@@ -126,13 +131,15 @@ def start_hidden_grad_reduction(
 
     The result, in ``out_dtype``, is the full gradient (all-reduce) or, under sequence
     parallelism, this rank's ``[n, ...]`` slice of it (reduce-scatter along dim 0). A ``grad``
-    already in ``opts.reduce_dtype`` is reduced in place of a copy. The collective is asynchronous so the
-    caller can overlap it with the classifier-gradient work that remains.
+    already in ``opts.reduce_dtype`` is reduced in place of a copy. The collective is asynchronous
+    so the caller can overlap it with the classifier-gradient work that remains.
     """
     world = world_size(opts)
     buf = grad.to(opts.reduce_dtype).contiguous()
     if opts.sequence_parallel:
-        out = torch.empty((buf.shape[0] // world, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+        out = torch.empty(
+            (buf.shape[0] // world, *buf.shape[1:]), dtype=buf.dtype, device=buf.device
+        )
         work = _reduce_scatter(out, buf, group=opts.group, async_op=True)
     else:
         work = dist.all_reduce(buf, group=opts.group, async_op=True)

@@ -31,8 +31,9 @@ class VocabParallelOptions:
     ``group``: the ranks that share the vocabulary (``None``: the default group).
     ``reduce_e_grad``: sum the hidden-state gradient over the group (``False`` leaves each rank's
     partial gradient, for frameworks that reduce it themselves).
-    ``sequence_parallel``: hidden states arrive sharded along tokens (``[N / W, D]`` per rank, in rank
-    order) with full targets; forward all-gathers them and backward reduce-scatters the gradient.
+    ``sequence_parallel``: hidden states arrive sharded along tokens (``[N / W, D]`` per rank, in
+    rank order) with full targets; forward all-gathers them and backward reduce-scatters their
+    gradient.
     ``reduce_dtype``: dtype of the hidden-gradient reduction (fp32 default; bf16 halves the bytes).
     """
 
@@ -45,7 +46,9 @@ class VocabParallelOptions:
 
     def __post_init__(self):
         if not (0 <= self.start <= self.stop):
-            raise ValueError(f"VocabParallelOptions needs 0 <= start <= stop, got {self.start}, {self.stop}")
+            raise ValueError(
+                f"VocabParallelOptions needs 0 <= start <= stop, got {self.start}, {self.stop}"
+            )
         if self.sequence_parallel and not self.reduce_e_grad:
             raise ValueError(
                 "sequence_parallel=True needs reduce_e_grad=True: the hidden gradient is "
@@ -62,12 +65,15 @@ class VocabParallelOptions:
         return cls(start, stop, group, **kwargs)
 
     @classmethod
-    def from_megatron(cls, padded_vocab_size: int, group: dist.ProcessGroup | None = None, **kwargs):
+    def from_megatron(
+        cls, padded_vocab_size: int, group: dist.ProcessGroup | None = None, **kwargs
+    ):
         """Megatron's ``VocabUtility`` layout: equal shards of an already padded vocabulary."""
         rank, world = group_rank_and_size(group)
         if padded_vocab_size % world:
             raise ValueError(
-                f"padded_vocab_size {padded_vocab_size} is not divisible by the group size {world}; "
+                f"padded_vocab_size {padded_vocab_size} is not divisible by the group size "
+                f"{world}; "
                 "Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * tp"
             )
         per_rank = padded_vocab_size // world
