@@ -11,8 +11,8 @@ CPU stand-ins, applied in these test processes only (the library patches nothing
 - ``torch.cuda.current_device()`` returns ``"cpu"`` (Megatron allocates its sequence-parallel and
   dummy-gradient buffers there);
 - the CUDA RNG tracker's ``fork()`` is a no-op context (dropout is off in every case);
-- ``WrappedTorchNorm`` builds a plain ``torch.nn.LayerNorm`` under sequence parallelism too (Megatron
-  refuses it because torch's LayerNorm does not mark its weights for the sequence-parallel
+- ``WrappedTorchNorm`` builds a plain ``torch.nn.LayerNorm`` under sequence parallelism too
+  (Megatron refuses it because torch's LayerNorm does not mark its weights for the sequence-parallel
   gradient all-reduce; both paths compared here share the same norms, so it cannot matter);
 - gradient-accumulation fusion's ``fused_weight_gradient_mlp_cuda`` is a matmul into ``main_grad``.
 """
@@ -109,7 +109,9 @@ def _build(case: dict, world: int):
         mtp_num_layers=case["mtp"] or None, hidden_dropout=0.0, attention_dropout=0.0, **extra,
     )
     spec = get_gpt_layer_local_spec()
-    mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False) if case["mtp"] else None
+    mtp = None
+    if case["mtp"]:
+        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
     torch.manual_seed(SEED)
     return GPTModel(
         config, spec, vocab_size=case["vocab"], max_sequence_length=S,
@@ -203,7 +205,8 @@ def _compare(ref: dict, got: dict, case: dict) -> dict:
     if case["eval"]:
         return out
     out["params"] = (sorted(got["grads"]), sorted(ref["grads"]))
-    out["grads"] = {n: _rel(got["grads"][n], g) for n, g in ref["grads"].items() if n in got["grads"]}
+    out["grads"] = {n: _rel(got["grads"][n], g) for n, g in ref["grads"].items()
+                    if n in got["grads"]}
     out["hidden"] = _rel(got["hidden"], ref["hidden"])
     out["mtp"] = {k: (got["mtp"][k].tolist(), v.tolist()) for k, v in ref["mtp"].items()}
     if case["fusion"]:

@@ -34,7 +34,7 @@ def test_cpu_tiny_writes_table_json_png(tmp_path, capsys):
         assert (tmp_path / f"cpu_tiny.{ext}").stat().st_size > 0
     assert (tmp_path / "cpu_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "cpu_tiny.json").read_text())
-    assert saved["results"] == report["results"]
+    assert saved["results"] == report["results"] and saved["complete"]
     assert saved["env"]["torch"] and saved["env"]["date"] and saved["env"]["device"]
     table = (tmp_path / "cpu_tiny.md").read_text().strip()
     assert stdout.rstrip().endswith(table.splitlines()[-1])  # the table is printed last
@@ -136,8 +136,9 @@ def test_two_gloo_ranks_vocab_parallel(tmp_path):
         (["kinds=[fw, backward]"], "kinds must be"),
         (["n=[0]"], "n must be"),
         (["dtype=fp8"], "dtype must be"),
-        (["plot_data=peaked~3"], "plot_data must be"),
         (["flat=false", "entropies=[]"], "no data set"),
+        (["error=maybe"], "error must be true or false"),
+        (["out=3"], "out must be a string"),
         (["n"], "key=value"),
     ],
 )

@@ -13,11 +13,11 @@ import pytest
 from multiproc import run_ranks
 from test_megatron import _installs
 
-TINY = ["--device", "cpu", "--steps", "3", "--seq-len", "16", "--micro-batch", "2", "--vocab", "384",
-        "--hidden", "32", "--layers", "2", "--heads", "4", "--lr", "1e-2"]
+TINY = ["--device", "cpu", "--steps", "3", "--seq-len", "16", "--micro-batch", "2",
+        "--vocab", "384", "--hidden", "32", "--layers", "2", "--heads", "4", "--lr", "1e-2"]
 
 
-def _run_check(rank, world, megatron_path, argv):
+def _run_check(rank, world, megatron_path, runs):
     import contextlib
     import io
     import sys
@@ -30,22 +30,25 @@ def _run_check(rank, world, megatron_path, argv):
     megatron_ranks._cpu_stand_ins()
     from vpcce.launch import megatron_train_check
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = megatron_train_check.main(argv)
-    return code, out.getvalue()
+    results = []
+    for argv in runs:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = megatron_train_check.main(argv)
+        results.append((code, out.getvalue()))
+    return results
 
 
 @pytest.mark.parametrize("megatron_path", _installs())
-@pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
-def test_train_check_runs_and_agrees_on_cpu(megatron_path, untied, tmp_path):
-    out = tmp_path / "check.json"
-    argv = [*TINY, "--out", str(out), *(["--untied"] if untied else [])]
-    code, text = run_ranks(_run_check, 1, megatron_path, argv, timeout=300)[0]
-    assert code == 0, text
-    assert "max per-step relative loss difference" in text and "OK" in text, text
-    record = json.loads(out.read_text())
-    m, v = record["runs"]["megatron"], record["runs"]["vpcce"]
-    assert len(m["losses"]) == len(v["losses"]) == 3
-    assert record["max_rel_diff"] <= 1e-5, text  # fp32: the same training up to rounding
-    assert m["losses"][-1] < m["losses"][0], text  # it learns
+def test_train_check_runs_and_agrees_on_cpu(megatron_path, tmp_path):
+    outs = [tmp_path / "tied.json", tmp_path / "untied.json"]
+    runs = [[*TINY, "--out", str(outs[0])], [*TINY, "--out", str(outs[1]), "--untied"]]
+    results = run_ranks(_run_check, 1, megatron_path, runs, timeout=300)[0]
+    for (code, text), out in zip(results, outs, strict=True):
+        assert code == 0, text
+        assert "max per-step relative loss difference" in text and "OK" in text, text
+        record = json.loads(out.read_text())
+        m, v = record["runs"]["megatron"], record["runs"]["vpcce"]
+        assert len(m["losses"]) == len(v["losses"]) == 3
+        assert record["max_rel_diff"] <= 1e-5, text  # fp32: the same training up to rounding
+        assert m["losses"][-1] < m["losses"][0], text  # it learns

@@ -14,11 +14,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from vpcce import ops
 from vpcce.function import LossConfig, _LinearCrossEntropy
 from vpcce.modes import BackwardMode, resolve_filter_eps, resolve_impl
 from vpcce.parallel import collectives
 from vpcce.parallel.options import VocabParallelOptions
 from vpcce.validation import check_inputs, check_target_range
+
+
+# Tensor types that are never DTensors (the fast path skips the DTensor adapter's import).
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
 class TokenStats(NamedTuple):
@@ -89,11 +94,60 @@ def linear_cross_entropy(
         ``loss`` (fp32; a scalar, or per token for ``reduction="none"``), followed by ``lse``
         (``(..., T - shift)`` fp32) if ``return_lse`` and by `TokenStats` if ``return_stats``.
     """
-    # 1. normalize and validate
-    shift = int(shift) if isinstance(shift, bool) else shift
+    # 1. DTensor inputs (a classifier sharded over a device mesh): the adapter turns the mesh
+    # layout into VocabParallelOptions and calls back with local tensors (integrations.dtensor)
+    options = dict(
+        ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
+        filter_eps=filter_eps, accum_e_fp32=accum_e_fp32, accum_c_fp32=accum_c_fp32,
+        filter_e_grad=filter_e_grad, filter_c_grad=filter_c_grad, impl=impl,
+        label_smoothing=label_smoothing, logit_scale=logit_scale, validate=validate,
+        chunk_bytes=chunk_bytes,
+    )
+    if not all(x is None or type(x) in _PLAIN_TENSOR_TYPES for x in (e, c, targets, bias)):
+        from vpcce.integrations import dtensor
+
+        if dtensor.any_dtensor(e, c, targets, bias):
+            return dtensor.linear_cross_entropy(
+                linear_cross_entropy, e, c, targets, bias, vocab_parallel_options,
+                return_lse=return_lse, return_stats=return_stats, **options,
+            )
+    shift = options["shift"] = int(shift) if isinstance(shift, bool) else shift
     vp = vocab_parallel_options
     if vp is not None and not isinstance(vp, VocabParallelOptions):
         raise TypeError(f"vocab_parallel_options must be VocabParallelOptions, got {type(vp).__name__}")
+    # 2. the loss: the autograd Function, or under torch.compile one opaque custom op (vpcce.ops)
+    # whose implementation runs the same configuration and Function bodies when the graph runs
+    if torch.compiler.is_compiling():
+        loss, lse, entropy, argmax = ops.linear_cross_entropy(
+            e, c, targets, bias, vp, lse_used=return_lse, **options
+        )
+    else:
+        cfg = loss_config(e, c, targets, bias, vp, **options)
+        loss, lse, entropy, argmax = _LinearCrossEntropy.apply(e, c, bias, targets, cfg)
+
+    # 3. outputs
+    out = [loss]
+    if return_lse:
+        out.append(lse)
+    if return_stats:
+        y = targets[..., shift:] if targets.dim() else targets
+        correct = (argmax == y) & (y != ignore_index)
+        out.append(TokenStats(entropy, argmax, correct))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def loss_config(
+    e, c, targets, bias, vp: VocabParallelOptions | None, *, ignore_index, softcap, reduction,
+    shift, filter_eps, accum_e_fp32, accum_c_fp32, filter_e_grad, filter_c_grad, impl,
+    label_smoothing, logit_scale, validate, chunk_bytes,
+) -> LossConfig:
+    """Validate the arguments of `linear_cross_entropy` and resolve them into a `LossConfig`.
+
+    Shared by the eager call and the torch.compile custom op (`vpcce.compile`), which runs it at
+    execution time: the vocab-parallel layout check (a collective, the first time a layout is
+    seen) and the CPU target check synchronize with the host, which a traced graph must not.
+    """
+    # 1. normalize and validate
     world = 1 if vp is None else collectives.world_size(vp)
     sp_world = world if vp is not None and vp.sequence_parallel else 1
     check_inputs(
@@ -122,22 +176,11 @@ def linear_cross_entropy(
     if validate:
         check_target_range(targets, vocab_size, ignore_index)
 
-    cfg = LossConfig(
+    return LossConfig(
         impl=backend, mode=mode, shift=shift, ignore_index=int(ignore_index), reduction=reduction,
         label_smoothing=float(label_smoothing), logit_scale=float(logit_scale), softcap=softcap,
         vocab_size=vocab_size, vocab_start=vocab_start, vp=vp, chunk_bytes=chunk_bytes,
     )
-    loss, lse, entropy, argmax = _LinearCrossEntropy.apply(e, c, bias, targets, cfg)
-
-    # 3. outputs
-    out = [loss]
-    if return_lse:
-        out.append(lse)
-    if return_stats:
-        y = targets[..., shift:] if targets.dim() else targets
-        correct = (argmax == y) & (y != ignore_index)
-        out.append(TokenStats(entropy, argmax, correct))
-    return out[0] if len(out) == 1 else tuple(out)
 
 
 _MODULE_OPTIONS = set(inspect.signature(linear_cross_entropy).parameters) - {"e", "c", "targets", "bias"}

@@ -161,7 +161,9 @@ class DeferredLogits:
         else:
             expected = (layer.output_size_per_partition, layer.input_size)
             if tuple(weight.shape) != expected:
-                raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not {expected}")
+                raise RuntimeError(
+                    f"supplied weight's shape is {tuple(weight.shape)}, not {expected}"
+                )
             resolved = weight
         _check_layer(layer, resolved)
         self.layer, self.hidden, self.weight, self.weight_arg = layer, hidden, resolved, weight
@@ -175,7 +177,7 @@ class DeferredLogits:
 
     # -- what Megatron does with logits, answered without them --------------------------------
     def cross_entropy(self, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token fp32 loss ``[b, s]`` of labels ``[b, s]``, as ``compute_language_model_loss``."""
+        """Per-token fp32 loss ``[b, s]`` of labels ``[b, s]`` (``compute_language_model_loss``)."""
         layer = self.layer
         group = _tp_group(layer)
         world = group_rank_and_size(group)[1]
@@ -271,7 +273,9 @@ class DeferredLogits:
         kwargs = kwargs or {}
         if func in (torch.argmax, torch.Tensor.argmax) and args and isinstance(args[0], cls):
             return args[0].argmax(*args[1:], **kwargs)
-        args, kwargs = tree_map(lambda x: x.materialize() if isinstance(x, cls) else x, (args, kwargs))
+        args, kwargs = tree_map(
+            lambda x: x.materialize() if isinstance(x, cls) else x, (args, kwargs)
+        )
         return func(*args, **kwargs)
 
     def __repr__(self) -> str:

@@ -9,7 +9,9 @@ to the floor row: the GEMM ``e @ c.T`` of the same shape (fw 1x, bw 3x, fw+bw 4x
 logits, then recomputed logits and the two gradient GEMMs of an exact backward without stored
 logits). Output: progress on stderr; ``<out>/<name>.json`` (every number, the config and the
 environment), ``<out>/<name>.md`` and ``<out>/<name>.png`` (fw+bw time and op memory vs N, one
-line per method); the markdown table is printed last on stdout. Config keys: `BenchConfig`;
+line per method); the markdown table is printed last on stdout. JSON and markdown are rewritten
+after every shape (``"complete": false`` until the end), so a run stopped part-way leaves what
+it measured. Config keys: `BenchConfig`;
 ``key=value`` arguments override them (values parsed as YAML: ``n=[1024,8192] out=/tmp/b``).
 
 Definitions:
@@ -24,7 +26,8 @@ Definitions:
 - op memory: peak memory during the op minus what was allocated before it (inputs excluded), minus
   the gradients the op returns (bw, fw+bw) — the definition of `kernel_check` and of the peer
   table in shared/README.md. CUDA: ``torch.cuda.max_memory_allocated``; CPU: the live bytes of
-  tensor storages created inside the op (`vpcce.launch.memory.MemoryMeter`).
+  tensor storages created inside the op (`vpcce.launch.memory.MemoryMeter`). A backward that frees
+  its saved tensors before writing the gradients can come out below 0: reported as 0.
 - error (``error: true``): ``|loss - t| / |t|`` and ``||x - t|| / ||t||`` for dE and dC against an
   fp64 truth computed from the same (rounded) inputs, token chunks of materialized fp64 logits.
 - under torchrun (WORLD_SIZE > 1): the classifier is split by vocabulary
@@ -60,14 +63,13 @@ import torch.distributed as dist
 import yaml
 
 from vpcce.launch import methods as M
+from vpcce.launch.bench_report import FLOOR, FLOOR_FACTOR, markdown, plot
 from vpcce.launch.data import Batch, flat, lm_like
 from vpcce.launch.memory import MemoryMeter
 from vpcce.parallel import VocabParallelOptions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KINDS = ("fw", "bw", "fw+bw")
-FLOOR = "gemm"  # the floor row's method name
-FLOOR_FACTOR = {"fw": 1, "bw": 3, "fw+bw": 4}  # GEMMs of the same shape an exact op needs
 TRUTH_CHUNK_BYTES = 1 << 30  # fp64 logits of one token chunk of the truth
 MB = 2**20
 
@@ -92,7 +94,7 @@ class BenchConfig:
     error: bool = True
     floor: bool = True  # the GEMM floor row
     vpcce_impl: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "triton" | "torch"
-    plot_data: str | None = None  # data set of the PNG; default: the first peaked one
+    plot_data: str | None = None  # data set of the PNG (when run); else the first peaked one
     out: str | None = None  # output folder; default out/bench/<name>
 
     def __post_init__(self):
@@ -100,6 +102,14 @@ class BenchConfig:
             self.n = [self.n]
         if isinstance(self.entropies, (int, float)):
             self.entropies = [self.entropies]
+        for key in ("flat", "sort_vocab", "memory", "error", "floor"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("name", "out", "plot_data"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         _choice("device", self.device, ("auto", "cuda", "cpu"))
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("vpcce_impl", self.vpcce_impl, ("auto", "triton", "torch"))
@@ -128,13 +138,6 @@ class BenchConfig:
                 f"kinds must be a non-empty list from {list(KINDS)}, got {self.kinds!r}"
             )
         self.kinds = [k for k in KINDS if k in self.kinds]
-        if self.plot_data is not None and self.plot_data not in self.data_names():
-            raise ValueError(
-                f"plot_data must be one of {self.data_names()}, got {self.plot_data!r}"
-            )
-
-    def data_names(self) -> list[str]:
-        return (["flat"] if self.flat else []) + [peaked_name(h) for h in self.entropies]
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("out") / "bench" / self.name
@@ -358,7 +361,8 @@ def op_memory_mb(run: Run, op, setup=None, returns_grads: bool = False) -> float
         out = op(state)
     grads = sum(g.numel() * g.element_size() for g in out) if returns_grads else 0
     del out, state
-    return (meter.step_peak - grads) / MB
+    # a backward that frees saved tensors before it writes the gradients can come out below 0
+    return max(0.0, (meter.step_peak - grads) / MB)
 
 
 def _kinds(fn, e, c, y) -> dict:
@@ -531,105 +535,36 @@ def environment(run: Run) -> dict:
     }
 
 
-def _fmt(x, spec) -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def markdown(report: dict) -> str:
-    cfg, env = report["config"], report["env"]
-    kinds = cfg["kinds"]
-    world = f"world {env['world_size']}"
-    if env["world_size"] > 1:
-        shard = report["shard"]
-        world += f" (vocab-parallel; rank 0 rows [{shard['rank0_start']}, {shard['rank0_stop']}))"
-    lines = [
-        f"### vpcce bench `{cfg['name']}`: D {cfg['d']} x V {cfg['v']}, {cfg['dtype']}, "
-        f"{env['device']}, {world}, {env['date']}",
-        "",
-    ]
-    for d in report["data"]:
-        lines.append(
-            f"- `{d['name']}`: mean entropy {d['mean_entropy']:.2f} nats, "
-            f"mean NLL {d['mean_nll']:.2f}"
-        )
-    lines.append("")
-    head = ["data", "N", "method"] + [f"{k} ms" for k in kinds]
-    if cfg["memory"]:
-        head += [f"{k} MB" for k in kinds]
-    if cfg["error"]:
-        head += ["loss err", "dE err", "dC err"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report["results"]:
-        label = "floor: GEMM e@c.T (x1 / x3 / x4)" if r["method"] == FLOOR else r["method"]
-        cells = [r["data"], str(r["n"]), label]
-        if r["status"] != "ok":
-            cells.append(r["status"])
-            cells += [""] * (len(head) - len(cells))
-        else:
-            ms, mem, err = r.get("ms", {}), r.get("mem_mb", {}), r.get("err", {})
-            cells += [_fmt(ms.get(k), ".3g") for k in kinds]
-            if cfg["memory"]:
-                cells += [_fmt(mem.get(k), ".1f") for k in kinds]
-            if cfg["error"]:
-                cells += [_fmt(err.get(k), ".1e") for k in ("loss", "de", "dc")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + [f"- not run: `{k}`: {v}" for k, v in report["unavailable"].items()]
-    if report.get("png", "").startswith("no PNG"):
-        lines.append(f"- {report['png']}")
-    return "\n".join(lines).rstrip()
-
-
-def plot(report: dict, path: Path) -> str | None:
-    """Two panels (fw+bw time, op memory vs N; log scales); returns why not, if it cannot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        return f"no PNG: matplotlib is not importable ({err})"
-    cfg = report["config"]
-    data = cfg["plot_data"] or next(
-        (d["name"] for d in report["data"] if d["name"] != "flat"), report["data"][0]["name"]
-    )
-    kind = "fw+bw" if "fw+bw" in cfg["kinds"] else cfg["kinds"][-1]
-    rows = [r for r in report["results"] if r["data"] == data and r["status"] == "ok"]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["n"])
-        style = dict(linestyle="--", color="gray") if name == FLOOR else dict(marker="o")
-        label = f"GEMM floor (x{FLOOR_FACTOR[kind]})" if name == FLOOR else name
-        pts = [(r["n"], r["ms"][kind]) for r in mine if r.get("ms", {}).get(kind, 0) > 0]
-        if pts:
-            ax_t.plot(*zip(*pts, strict=True), label=label, **style)
-        pts = [(r["n"], r["mem_mb"][kind]) for r in mine if r.get("mem_mb", {}).get(kind, 0) > 0]
-        if pts and name != FLOOR:
-            ax_m.plot(*zip(*pts, strict=True), label=label, **style)
-    for ax, what in ((ax_t, f"median {kind} time (ms)"), (ax_m, f"{kind} op memory (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(cfg["n"], [str(n) for n in cfg["n"]])
-        ax.minorticks_off()
-        ax.set_xlabel("N (tokens)")
-        ax.set_ylabel(what)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.suptitle(
-        f"{cfg['name']}: D {cfg['d']} x V {cfg['v']} {cfg['dtype']}, data {data}, "
-        f"{report['env']['device']}, world {report['env']['world_size']}"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
-
-
 # ---- main ----
+
+_DEFINITIONS = {
+    "fw": "forward with inputs requiring grad",
+    "bw": "autograd.grad of the loss w.r.t. (e, c), forward untimed",
+    "fw+bw": "both",
+    "time": "median over rep repetitions after warmup (CUDA events / perf_counter); max over ranks",
+    "op memory": "peak during the op minus allocated before it, minus returned gradients "
+    "(below 0 reported as 0); max over ranks",
+    "error": "|loss - t|/|t|, ||x - t||/||t|| vs an fp64 truth from the same inputs",
+    "floor": "GEMM e @ c.T of the same shape: fw 1x, bw 3x, fw+bw 4x its median time",
+}
+
+
+def _write(run: Run, report: dict, png: bool) -> None:
+    """Rank 0 writes JSON and markdown (and the PNG): after every shape, so a run that is
+    stopped part-way leaves what it measured."""
+    if run.rank != 0:
+        return
+    cfg = run.cfg
+    out = cfg.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    if png:
+        report["png"] = plot(report, out / f"{cfg.name}.png") or f"{cfg.name}.png"
+    (out / f"{cfg.name}.md").write_text(markdown(report) + "\n")
+    (out / f"{cfg.name}.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def bench(cfg: BenchConfig) -> dict:
-    """Run the benchmark; on rank 0 write JSON, markdown and PNG and return the report."""
+    """Run the benchmark; rank 0 writes JSON, markdown and PNG and prints the table last."""
     run = _start(cfg)
     try:
         fns, unavailable = {}, {}
@@ -639,52 +574,38 @@ def bench(cfg: BenchConfig) -> dict:
             except M.Unavailable as err:
                 unavailable[name] = str(err)
                 run.log(f"{name}: not run: {err}")
-        data, results = [], []
-        for data_name, make in _data_sets(run):
-            batch = _load(run, data_name, make)
-            data.append(
-                dict(name=data_name, mean_entropy=batch.mean_entropy, mean_nll=batch.mean_nll)
-            )
-            for n in cfg.n:
-                run.log(f"{data_name} N {n}:")
-                results += bench_shape(run, data_name, batch, n, fns)
-            del batch
-            _free(run)
         report = dict(
             config=dataclasses.asdict(cfg),
             env=environment(run),
             methods={name: M.METHODS[name].about for name in cfg.methods},
             definitions=_DEFINITIONS,
             shard=dict(rank0_start=run.setting.start, rank0_stop=run.setting.stop),
-            data=data,
-            results=results,
+            data=[],
+            results=[],
             unavailable=unavailable,
+            png=None,
+            complete=False,
         )
+        for data_name, make in _data_sets(run):
+            batch = _load(run, data_name, make)
+            report["data"].append(
+                dict(name=data_name, mean_entropy=batch.mean_entropy, mean_nll=batch.mean_nll)
+            )
+            for n in cfg.n:
+                run.log(f"{data_name} N {n}:")
+                report["results"] += bench_shape(run, data_name, batch, n, fns)
+                _write(run, report, png=n == cfg.n[-1])
+            del batch
+            _free(run)
+        report["complete"] = True
+        _write(run, report, png=True)
         if run.rank == 0:
-            out = cfg.out_dir()
-            out.mkdir(parents=True, exist_ok=True)
-            report["png"] = plot(report, out / f"{cfg.name}.png") or f"{cfg.name}.png"
-            table = markdown(report)
-            (out / f"{cfg.name}.md").write_text(table + "\n")
-            (out / f"{cfg.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-            run.log(f"wrote {out}/{cfg.name}.{{json,md,png}}")
-            print(table, flush=True)
+            run.log(f"wrote {cfg.out_dir()}/{cfg.name}.{{json,md,png}}")
+            print(markdown(report), flush=True)
         return report
     finally:
         if run.owns_group:
             dist.destroy_process_group()
-
-
-_DEFINITIONS = {
-    "fw": "forward with inputs requiring grad",
-    "bw": "autograd.grad of the loss w.r.t. (e, c), forward untimed",
-    "fw+bw": "both",
-    "time": "median over rep repetitions after warmup (CUDA events / perf_counter); max over ranks",
-    "op memory": "peak during the op minus allocated before it, minus returned gradients; "
-    "max over ranks",
-    "error": "|loss - t|/|t|, ||x - t||/||t|| vs an fp64 truth from the same inputs",
-    "floor": "GEMM e @ c.T of the same shape: fw 1x, bw 3x, fw+bw 4x its median time",
-}
 
 
 def main(argv=None) -> dict:
