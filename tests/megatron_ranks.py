@@ -14,12 +14,14 @@ CPU stand-ins, applied in these test processes only (the library patches nothing
 - ``WrappedTorchNorm`` builds a plain ``torch.nn.LayerNorm`` under sequence parallelism too
   (Megatron refuses it because torch's LayerNorm does not mark its weights for the sequence-parallel
   gradient all-reduce; both paths compared here share the same norms, so it cannot matter);
-- gradient-accumulation fusion's ``fused_weight_gradient_mlp_cuda`` is a matmul into ``main_grad``.
+- gradient-accumulation fusion's ``fused_weight_gradient_mlp_cuda`` is a matmul into ``main_grad``;
+- HybridModel's final norm (Transformer Engine's ``TENorm``, absent here) is ``torch.nn.LayerNorm``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import logging
 import sys
@@ -35,7 +37,7 @@ SEED = 1234
 # padded rows take part in the softmax only. path: "patch" (patch(model)), "hook"
 # (output_processor), "hook+patch". tied: the embedding weight is the output weight.
 _BASE = dict(sp=False, tied=False, mtp=0, vocab=256, true_vocab=250, path="patch", mup=False,
-             fusion=None, logits=False, eval=False, gather=None)
+             fusion=None, logits=False, eval=False, gather=None, model="gpt")
 CASES = {
     "plain": {},
     "sp": dict(sp=True),
@@ -54,6 +56,11 @@ CASES = {
     "fusion": dict(fusion="flag", sp=True, mtp=1),
     "fusion_zero_out": dict(fusion="zero_out"),
     "fusion_no_flag": dict(fusion="no_flag", sp=True),
+}
+# megatron-core >= 0.19: HybridModel (no output_processor hook): attention-only layers here
+HYBRID_CASES = {
+    "hybrid_sp_tied": dict(model="hybrid", sp=True, tied=True),
+    "hybrid_logits": dict(model="hybrid", logits=True),
 }
 # megatron-core >= 0.18: the output_processor hook and MuP's output multiplier
 HOOK_CASES = {
@@ -83,6 +90,14 @@ def _cpu_stand_ins() -> None:
         return torch.nn.LayerNorm(hidden_size, eps=eps)
 
     torch_norm.WrappedTorchNorm.__new__ = torch_layer_norm
+    try:
+        from megatron.core.models.hybrid import hybrid_block
+    except ImportError:  # megatron-core < 0.19
+        pass
+    else:
+        hybrid_block.TENorm = lambda config, hidden_size, eps=1e-5, **_: torch.nn.LayerNorm(
+            hidden_size, eps=eps
+        )
 
     def wgrad_accum(total_input, grad_output, main_grad):
         x = total_input.reshape(-1, total_input.shape[-1])
@@ -113,6 +128,19 @@ def _build(case: dict, world: int):
     if case["mtp"]:
         mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
     torch.manual_seed(SEED)
+    if case["model"] == "hybrid":
+        from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        stack = ModuleSpec(
+            module=HybridStack, submodules=HybridStackSubmodules(attention_layer=spec)
+        )
+        return HybridModel(
+            config, stack, vocab_size=case["vocab"], max_sequence_length=S,
+            hybrid_layer_pattern="*", share_embeddings_and_output_weights=case["tied"],
+            position_embedding_type="learned_absolute",
+        )
     return GPTModel(
         config, spec, vocab_size=case["vocab"], max_sequence_length=S,
         share_embeddings_and_output_weights=case["tied"], mtp_block_spec=mtp,
@@ -308,6 +336,36 @@ def _top1(world: int) -> dict:
     return out
 
 
+def _protocol(world: int) -> dict:
+    """DeferredLogits as a tensor stand-in: name -> whether it behaved like the logits."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from vpcce.integrations import megatron as vm
+
+    case = {**_BASE, "sp": True}
+    layer = vm.patch(_build(case, world)).output_layer
+    g = torch.Generator().manual_seed(SEED + 3)
+    hidden = torch.randn(S // world, B, H, generator=g)
+    labels = torch.randint(0, case["vocab"], (B, S), generator=g)
+    deferred, _ = layer(hidden)
+    full = deferred.materialize()
+    scaled = deferred * 0.5  # MuP's _scale_logits: recorded, still deferred
+    ref = vocab_parallel_cross_entropy(full * 0.5, labels.t().contiguous()).t()
+    return {
+        "shape": deferred.shape == full.shape and deferred.size(-1) == full.size(-1),
+        "len": len(deferred) == len(full),
+        "dtype_device": (deferred.dtype, deferred.device, deferred.dim()) == (
+            full.dtype, full.device, full.dim()),
+        "torch_function": torch.equal(torch.softmax(deferred, -1), torch.softmax(full, -1)),
+        "method": torch.equal(deferred.float().sum(-1), full.float().sum(-1)),
+        "operators": torch.equal(deferred + 1, full + 1) and torch.equal(1 - deferred, 1 - full)
+        and torch.equal(deferred[0], full[0]) and torch.equal(-deferred, -full),
+        "scaled_stays_deferred": isinstance(scaled, vm.DeferredLogits) and scaled._logits is None,
+        "scaled_loss": _rel(scaled.cross_entropy(labels), ref) <= 1e-6,
+        "scaled_materialize": _rel(scaled.materialize(), full * 0.5) == 0.0,
+    }
+
+
 def _refusals(world: int) -> dict:
     """Each refused setting -> (exception type, message) raised by the integration."""
     from vpcce.integrations import megatron as vm
@@ -346,6 +404,8 @@ def run_cases(rank: int, world: int, megatron_path: str | None) -> dict:
     cases = dict(CASES)
     if "output_processor" in inspect.signature(GPTModel.forward).parameters:
         cases.update(HOOK_CASES)
+    if importlib.util.find_spec("megatron.core.models.hybrid") is not None:
+        cases.update(HYBRID_CASES)
     try:
         results = {"version": megatron.core.__version__, "file": megatron.core.__file__}
         for name, case in cases.items():
@@ -355,6 +415,7 @@ def run_cases(rank: int, world: int, megatron_path: str | None) -> dict:
                 raise RuntimeError(f"case {name!r} failed") from exc
         results["refusals"] = _refusals(world)
         results["top1"] = _top1(world)
+        results["protocol"] = _protocol(world)
         return results
     finally:
         parallel_state.destroy_model_parallel()

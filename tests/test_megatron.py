@@ -5,6 +5,7 @@ tests/megatron_ranks.py: the same fp32 model and inputs go through Megatron's
 ``vocab_parallel_cross_entropy`` path and through vpcce's (``patch(model)``, the
 ``output_processor`` hook of megatron-core >= 0.18, or both), with sequence parallelism on and
 off, tied and untied output weights, a padded vocabulary, one MTP layer, MuP's output multiplier,
+a HybridModel (megatron-core >= 0.19),
 gradient-accumulation fusion into ``main_grad``, eval and ``labels=None`` (logits). Every rank
 compares its own per-token loss, logits, parameter gradients (its shards), decoder-output gradient
 and MTP logging with Megatron's; the parent holds them to the tolerances below.
@@ -20,7 +21,7 @@ import importlib.util
 import pathlib
 
 import pytest
-from megatron_ranks import CASES, HOOK_CASES
+from megatron_ranks import CASES, HOOK_CASES, HYBRID_CASES
 from multiproc import run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -97,20 +98,24 @@ def test_megatron_gpt_model_matches_megatron_loss(megatron_path):
     if megatron_path is not None:
         assert ranks[0]["file"].startswith(megatron_path), ranks[0]["file"]
     expected = set(CASES) | (set(HOOK_CASES) if _version_tuple(version) >= (0, 18) else set())
+    expected |= set(HYBRID_CASES) if _version_tuple(version) >= (0, 19) else set()
     bad = []
     for rank, res in enumerate(ranks):
-        ran = set(res) - {"version", "file", "refusals", "top1"}
+        ran = set(res) - {"version", "file", "refusals", "top1", "protocol"}
         assert ran == expected, f"megatron-core {version}: cases {sorted(ran ^ expected)}"
         for name in sorted(ran):
             bad += [f"rank {rank} {line}" for line in _check_case(name, res[name])]
             layer = res[name]["layer"]
-            patched = "patch" in {**CASES, **HOOK_CASES}[name].get("path", "patch")
+            patched = "patch" in {**CASES, **HOOK_CASES, **HYBRID_CASES}[name].get("path", "patch")
             if layer != ("VocabParallelOutputLayer" if patched else "ColumnParallelLinear"):
                 bad.append(f"rank {rank} {name}: output layer is {layer}")
         top1 = res["top1"]
         queries = ("True", "None") if _version_tuple(version) >= (0, 19) else ("True",)
         if any(not top1[f"equal_{q}"] or top1[f"materialized_{q}"] for q in queries):
             bad.append(f"rank {rank} top-1 from the kernel's argmax: {top1}")
+        failed = [k for k, ok in res["protocol"].items() if not ok]
+        if failed:
+            bad.append(f"rank {rank} DeferredLogits did not act as the logits: {failed}")
         refused = {k: v[0] for k, v in res["refusals"].items()}
         if refused != {"unknown_option": "TypeError", "defer_embedding_wgrad_compute": "ValueError",
                        "not_a_model": "TypeError"}:

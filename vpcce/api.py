@@ -21,7 +21,6 @@ from vpcce.parallel import collectives
 from vpcce.parallel.options import VocabParallelOptions
 from vpcce.validation import check_inputs, check_target_range
 
-
 # Tensor types that are never DTensors (the fast path skips the DTensor adapter's import).
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 

@@ -60,47 +60,68 @@ def _group(name: str | None):
     return None if name is None else dist.distributed_c10d._resolve_process_group(name)
 
 
+# The options after (e, c, targets, bias), in the ops' argument order: `loss_config`'s keyword
+# arguments (but ``validate``), then `VocabParallelOptions` (``vp_start == _NO_VP``: None).
+_LOSS_OPTIONS = (
+    "impl", "filter_eps", "filter_e_grad", "filter_c_grad", "accum_e_fp32", "accum_c_fp32",
+    "shift", "ignore_index", "reduction", "label_smoothing", "logit_scale", "softcap",
+    "chunk_bytes",
+)  # fmt: skip
+_VP_OPTIONS = (
+    "vp_start", "vp_stop", "vp_group", "reduce_e_grad", "sequence_parallel", "reduce_dtype",
+)  # fmt: skip
+_OPTION_NAMES = _LOSS_OPTIONS + _VP_OPTIONS
+
+
 def _vp(start, stop, group_name, reduce_e_grad, sequence_parallel, reduce_dtype):
     if start == _NO_VP:
         return None
     return VocabParallelOptions(
-        start, stop, _group(group_name), reduce_e_grad=reduce_e_grad,
-        sequence_parallel=sequence_parallel, reduce_dtype=reduce_dtype,
+        start,
+        stop,
+        _group(group_name),
+        reduce_e_grad=reduce_e_grad,
+        sequence_parallel=sequence_parallel,
+        reduce_dtype=reduce_dtype,
     )
 
 
 def _config(e, c, targets, bias, a: dict, validate: bool) -> LossConfig:
+    """The eager call's `LossConfig` from an op's arguments ``a`` (by name)."""
     from vpcce.api import loss_config  # api imports this module
 
-    vp = _vp(a["vp_start"], a["vp_stop"], a["vp_group"], a["reduce_e_grad"],
-             a["sequence_parallel"], a["reduce_dtype"])
-    return loss_config(
-        e, c, targets, bias, vp, ignore_index=a["ignore_index"], softcap=a["softcap"],
-        reduction=a["reduction"], shift=a["shift"], filter_eps=a["filter_eps"],
-        accum_e_fp32=a["accum_e_fp32"], accum_c_fp32=a["accum_c_fp32"],
-        filter_e_grad=a["filter_e_grad"], filter_c_grad=a["filter_c_grad"], impl=a["impl"],
-        label_smoothing=a["label_smoothing"], logit_scale=a["logit_scale"], validate=validate,
-        chunk_bytes=a["chunk_bytes"],
-    )
-
-
-# The options after (e, c, targets, bias), in order; both ops take them.
-_OPTION_NAMES = (
-    "impl", "filter_eps", "filter_e_grad", "filter_c_grad", "accum_e_fp32", "accum_c_fp32",
-    "shift", "ignore_index", "reduction", "label_smoothing", "logit_scale", "softcap",
-    "chunk_bytes", "vp_start", "vp_stop", "vp_group", "reduce_e_grad", "sequence_parallel",
-    "reduce_dtype",
-)
+    vp = _vp(*(a[k] for k in _VP_OPTIONS))
+    options = {k: a[k] for k in _LOSS_OPTIONS}
+    return loss_config(e, c, targets, bias, vp, validate=validate, **options)
 
 
 @torch.library.custom_op("vpcce::linear_cross_entropy", mutates_args=())
 def _forward_op(
-    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
-    impl: str, filter_eps: float | None, filter_e_grad: bool, filter_c_grad: bool,
-    accum_e_fp32: bool, accum_c_fp32: bool, shift: int, ignore_index: int, reduction: str,
-    label_smoothing: float, logit_scale: float, softcap: float | None, chunk_bytes: int | None,
-    vp_start: int, vp_stop: int, vp_group: str | None, reduce_e_grad: bool,
-    sequence_parallel: bool, reduce_dtype: torch.dtype, validate: bool, lse_used: bool,
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    impl: str,
+    filter_eps: float | None,
+    filter_e_grad: bool,
+    filter_c_grad: bool,
+    accum_e_fp32: bool,
+    accum_c_fp32: bool,
+    shift: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: float | None,
+    chunk_bytes: int | None,
+    vp_start: int,
+    vp_stop: int,
+    vp_group: str | None,
+    reduce_e_grad: bool,
+    sequence_parallel: bool,
+    reduce_dtype: torch.dtype,
+    validate: bool,
+    lse_used: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # lse_used: whether the caller asked for the LSE (else its gradient is autograd's zeros)
     a = locals()
@@ -120,9 +141,16 @@ def _check(e, c, targets, bias, a: dict) -> None:
     group = _group(a["vp_group"])
     sp_world = dist.get_world_size(group) if a["sequence_parallel"] else 1
     check_inputs(
-        e, c, targets, bias, shift=a["shift"], reduction=a["reduction"],
-        label_smoothing=a["label_smoothing"], softcap=a["softcap"],
-        logit_scale=a["logit_scale"], sequence_parallel_world=sp_world,
+        e,
+        c,
+        targets,
+        bias,
+        shift=a["shift"],
+        reduction=a["reduction"],
+        label_smoothing=a["label_smoothing"],
+        softcap=a["softcap"],
+        logit_scale=a["logit_scale"],
+        sequence_parallel_world=sp_world,
     )
 
 
@@ -142,28 +170,53 @@ def _forward_fake(e, c, targets, bias, *options):
 
 @torch.library.custom_op("vpcce::linear_cross_entropy_backward", mutates_args=())
 def _backward_op(
-    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
-    lse: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
-    grad_loss: torch.Tensor | None, grad_lse: torch.Tensor | None,
-    need_e: bool, need_c: bool, need_bias: bool,
-    impl: str, filter_eps: float | None, filter_e_grad: bool, filter_c_grad: bool,
-    accum_e_fp32: bool, accum_c_fp32: bool, shift: int, ignore_index: int, reduction: str,
-    label_smoothing: float, logit_scale: float, softcap: float | None, chunk_bytes: int | None,
-    vp_start: int, vp_stop: int, vp_group: str | None, reduce_e_grad: bool,
-    sequence_parallel: bool, reduce_dtype: torch.dtype,
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    valid: torch.Tensor,
+    count: torch.Tensor,
+    grad_loss: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    need_e: bool,
+    need_c: bool,
+    need_bias: bool,
+    impl: str,
+    filter_eps: float | None,
+    filter_e_grad: bool,
+    filter_c_grad: bool,
+    accum_e_fp32: bool,
+    accum_c_fp32: bool,
+    shift: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: float | None,
+    chunk_bytes: int | None,
+    vp_start: int,
+    vp_stop: int,
+    vp_group: str | None,
+    reduce_e_grad: bool,
+    sequence_parallel: bool,
+    reduce_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a = locals()
     cfg = _config(e, c, targets, bias, a, validate=False)  # the forward checked the targets
     saved = (e, c, bias, targets, lse.reshape(-1), valid, count)
     ctx = _Context(cfg, saved, (need_e, need_c, need_bias and bias is not None))
-    grad_e, grad_c, grad_bias, _, _ = _LinearCrossEntropy.backward(ctx, grad_loss, grad_lse, None, None)
+    grad_e, grad_c, grad_bias, _, _ = _LinearCrossEntropy.backward(
+        ctx, grad_loss, grad_lse, None, None
+    )
     # an op returns tensors only, none aliasing another: a new empty one means "no gradient"
     return tuple(e.new_empty(0) if g is None else g for g in (grad_e, grad_c, grad_bias))
 
 
 @_backward_op.register_fake
-def _backward_fake(e, c, targets, bias, lse, valid, count, grad_loss, grad_lse, need_e, need_c,
-                   need_bias, *options):
+def _backward_fake(
+    e, c, targets, bias, lse, valid, count, grad_loss, grad_lse, need_e, need_c, need_bias, *options
+):
     need_bias = need_bias and bias is not None
     return (
         torch.empty_like(e) if need_e else e.new_empty(0),
@@ -186,10 +239,23 @@ def _backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax, _grad_valid
     e, c, targets, bias, lse, valid, count = ctx.saved_tensors
     need_e, need_c, _, need_bias = ctx.needs_input_grad[:4]
     grads = torch.ops.vpcce.linear_cross_entropy_backward(
-        e, c, targets, bias, lse, valid, count, grad_loss, grad_lse if ctx.lse_used else None,
-        need_e, need_c, need_bias, *ctx.options,
+        e,
+        c,
+        targets,
+        bias,
+        lse,
+        valid,
+        count,
+        grad_loss,
+        grad_lse if ctx.lse_used else None,
+        need_e,
+        need_c,
+        need_bias,
+        *ctx.options,
     )
-    grad_e, grad_c, grad_bias = (g if need else None for g, need in zip(grads, (need_e, need_c, need_bias), strict=True))
+    grad_e, grad_c, grad_bias = (
+        g if need else None for g, need in zip(grads, (need_e, need_c, need_bias), strict=True)
+    )
     return grad_e, grad_c, None, grad_bias, *([None] * (ctx.num_inputs - 4))
 
 
@@ -197,9 +263,27 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(
-    e, c, targets, bias, vp: VocabParallelOptions | None, *, lse_used: bool, ignore_index,
-    softcap, reduction, shift, filter_eps, accum_e_fp32, accum_c_fp32, filter_e_grad,
-    filter_c_grad, impl, label_smoothing, logit_scale, validate, chunk_bytes,
+    e,
+    c,
+    targets,
+    bias,
+    vp: VocabParallelOptions | None,
+    *,
+    lse_used: bool,
+    ignore_index,
+    softcap,
+    reduction,
+    shift,
+    filter_eps,
+    accum_e_fp32,
+    accum_c_fp32,
+    filter_e_grad,
+    filter_c_grad,
+    impl,
+    label_smoothing,
+    logit_scale,
+    validate,
+    chunk_bytes,
 ):
     """`vpcce.api.linear_cross_entropy`'s loss, LSE, entropy and argmax through the custom op.
 
@@ -212,12 +296,30 @@ def linear_cross_entropy(
     if vp is not None and vp.group is not None:
         group_name = vp.group.group_name
     loss, lse, entropy, argmax, _, _ = _forward_op(
-        e, c, targets, bias, impl, resolve_filter_eps(filter_eps), bool(filter_e_grad),
-        bool(filter_c_grad), bool(accum_e_fp32), bool(accum_c_fp32), shift, int(ignore_index),
-        reduction, float(label_smoothing), float(logit_scale),
-        None if softcap is None else float(softcap), chunk_bytes,
-        _NO_VP if vp is None else vp.start, _NO_VP if vp is None else vp.stop, group_name,
-        True if vp is None else vp.reduce_e_grad, False if vp is None else vp.sequence_parallel,
-        torch.float32 if vp is None else vp.reduce_dtype, bool(validate), bool(lse_used),
+        e,
+        c,
+        targets,
+        bias,
+        impl,
+        resolve_filter_eps(filter_eps),
+        bool(filter_e_grad),
+        bool(filter_c_grad),
+        bool(accum_e_fp32),
+        bool(accum_c_fp32),
+        shift,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        float(logit_scale),
+        None if softcap is None else float(softcap),
+        chunk_bytes,
+        _NO_VP if vp is None else vp.start,
+        _NO_VP if vp is None else vp.stop,
+        group_name,
+        True if vp is None else vp.reduce_e_grad,
+        False if vp is None else vp.sequence_parallel,
+        torch.float32 if vp is None else vp.reduce_dtype,
+        bool(validate),
+        bool(lse_used),
     )
     return loss, lse, entropy, argmax

@@ -81,8 +81,10 @@ def linear_cross_entropy(call, e, c, targets, bias, vocab_parallel_options, **kw
         )
     vp = None
     if isinstance(c, DTensor):
-        if c.device_mesh.ndim != 1 or not isinstance(c.placements[0], (Shard, Replicate)) or (
-            isinstance(c.placements[0], Shard) and c.placements[0].dim != 0
+        if (
+            c.device_mesh.ndim != 1
+            or not isinstance(c.placements[0], (Shard, Replicate))
+            or (isinstance(c.placements[0], Shard) and c.placements[0].dim != 0)
         ):
             raise ValueError(
                 f"{_placements('c', c)}; vpcce takes a classifier sharded Shard(0) "
@@ -93,8 +95,13 @@ def linear_cross_entropy(call, e, c, targets, bias, vocab_parallel_options, **kw
             and bias.device_mesh == c.device_mesh
             and tuple(bias.placements) == tuple(c.placements)
         ):
-            got = _placements("bias", bias) if isinstance(bias, DTensor) else "bias is a plain tensor"
-            raise ValueError(f"{got}; with a DTensor c it must be a DTensor on c's mesh with placements {tuple(c.placements)}")
+            got = (
+                _placements("bias", bias) if isinstance(bias, DTensor) else "bias is a plain tensor"
+            )
+            raise ValueError(
+                f"{got}; with a DTensor c it must be a DTensor on c's mesh with placements "
+                f"{tuple(c.placements)}"
+            )
         if isinstance(c.placements[0], Shard):
             vp = _vocab_shard(c)
         c = c.to_local()
@@ -105,4 +112,3 @@ def linear_cross_entropy(call, e, c, targets, bias, vocab_parallel_options, **kw
     targets = _replicated("targets", targets)
     assert not any_dtensor(e, c, targets, bias)
     return call(e, c, targets, bias, vocab_parallel_options=vp, **kwargs)
-

@@ -29,8 +29,10 @@ hidden gradient is all-reduced (unless the layer has ``disable_grad_reduce``).
 Weight gradients: autograd's ``.grad`` (tied embeddings: summed with the embedding's gradient), or,
 with ``gradient_accumulation_fusion`` and a ``main_grad`` buffer, added into ``main_grad`` with
 ``grad_added_to_main_grad`` set and a dummy ``.grad`` returned, as Megatron's
-``LinearWithGradAccumulationAndAsyncCommunication`` does. Refused with a ``ValueError``: features
-whose contract the fused loss cannot honour (see `_check_layer`).
+``LinearWithGradAccumulationAndAsyncCommunication`` does (vpcce's gradient comes in the weight's
+dtype, so a bf16 weight's gradient is rounded once before the fp32 add, as without the fusion).
+Refused with a ``ValueError``: features whose contract the fused loss cannot honour (see
+`_check_layer`).
 """
 
 from __future__ import annotations
@@ -265,7 +267,12 @@ class DeferredLogits:
     dtype = property(lambda self: self.hidden.dtype)
     device = property(lambda self: self.hidden.device)
 
+    def __len__(self) -> int:
+        return self.shape[0]
+
     def __getattr__(self, name):
+        if name.startswith("_"):  # private or protocol names (copy, pickle) are not tensor API
+            raise AttributeError(name)
         return getattr(self.materialize(), name)
 
     @classmethod
@@ -287,7 +294,7 @@ def _delegate(name):
 
 
 # operators are looked up on the type, not through __getattr__
-for _name in ("__getitem__", "__len__", "__iter__", "__neg__", "__add__", "__radd__", "__sub__",
+for _name in ("__getitem__", "__iter__", "__neg__", "__add__", "__radd__", "__sub__",
               "__rsub__", "__truediv__", "__rtruediv__", "__matmul__", "__rmatmul__"):
     setattr(DeferredLogits, _name, _delegate(_name))
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +49,16 @@ __all__ = ["logit_transform", "patch", "unpatch"]
 
 # vpcce options a caller may set (everything else is fixed by transformers' loss contract)
 _LOSS_OPTIONS = frozenset(
-    {"impl", "filter_eps", "accum_e_fp32", "accum_c_fp32", "filter_e_grad", "filter_c_grad",
-     "chunk_bytes", "validate"}
+    {
+        "impl",
+        "filter_eps",
+        "accum_e_fp32",
+        "accum_c_fp32",
+        "filter_e_grad",
+        "filter_c_grad",
+        "chunk_bytes",
+        "validate",
+    }
 )
 _SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap")
 
@@ -84,7 +91,7 @@ class _State:
     """What `patch` installed on one model, and the request of the forward in progress."""
 
     def __init__(self, model, forward, options: dict, eval_logits: bool):
-        self.model = weakref.ref(model)
+        self.model = model  # a strong reference: copy.deepcopy(model) then copies the state too
         self.forward = forward  # the forward found on the model (bound)
         self.instance_forward = vars(model).get("forward")  # one set on the instance, if any
         self.options = options
@@ -124,9 +131,16 @@ def _head_forward(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         targets, shift = request.labels, 1
     n = request.num_items_in_batch
     loss = linear_cross_entropy(
-        hidden, weight, targets.to(hidden.device), bias, shift=shift,
-        ignore_index=request.ignore_index, reduction="mean" if n is None else "sum",
-        softcap=state.softcap, logit_scale=state.logit_scale, **state.options,
+        hidden,
+        weight,
+        targets.to(hidden.device),
+        bias,
+        shift=shift,
+        ignore_index=request.ignore_index,
+        reduction="mean" if n is None else "sum",
+        softcap=state.softcap,
+        logit_scale=state.logit_scale,
+        **state.options,
     )
     if n is not None:
         loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
@@ -150,12 +164,12 @@ class _LossFunction:
         logits = args[0] if args else kwargs.get("logits")
         if request.output is None:
             raise RuntimeError(
-                f"{type(state.model()).__name__}.forward called its loss function without calling "
+                f"{type(state.model).__name__}.forward called its loss function without calling "
                 "its output embedding (get_output_embeddings()); vpcce cannot compute that loss"
             )
         if logits is not request.output and state.softcap is None and state.logit_scale == 1.0:
             raise ValueError(
-                f"{type(state.model()).__name__}.forward transforms the output embedding's "
+                f"{type(state.model).__name__}.forward transforms the output embedding's "
                 "output before its loss, and its config names no transformation vpcce knows "
                 "(final_logit_softcapping, logits_soft_cap, logit_scale, logits_scaling); "
                 "vpcce would compute a different loss"
@@ -177,9 +191,14 @@ def _install_loss_function(model, fn) -> None:
 @functools.cache
 def _with_loss_function(cls):
     return type(
-        cls.__name__, (cls,),
-        {"loss_function": property(lambda self: self._vpcce_loss_function),
-         "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_vpcce_base": cls},
+        cls.__name__,
+        (cls,),
+        {
+            "loss_function": property(lambda self: self._vpcce_loss_function),
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "_vpcce_base": cls,
+        },
     )
 
 
@@ -205,7 +224,7 @@ def _replace_logits(out):
 
 
 def _patched_forward(state: _State, *args, **kwargs):
-    model = state.model()
+    model = state.model
     labels = state.labels(args, kwargs)
     if labels is None or (state.eval_logits and not model.training):
         return state.forward(*args, **kwargs)
@@ -283,7 +302,7 @@ def _patch_class(cls, options: dict, eval_logits: bool):
 
 
 def patch(model_or_type, *, eval_logits: bool = False, **options):
-    """Compute the loss of a ``*ForCausalLM`` with vpcce; returns what it was given.
+    """Compute the loss of a ``*ForCausalLM`` with vpcce; returns the model or the patched class.
 
     Args:
         model_or_type: a model instance (patched now), or its class, its ``model_type``

@@ -1,4 +1,4 @@
-"""Training-demo configuration: a YAML file of flat ``key: value`` pairs plus ``key=value`` overrides.
+"""Training-demo configuration: flat ``key: value`` pairs in YAML, then ``key=value`` overrides.
 
 Every key is a field of `TrainConfig`; values (in the file and in overrides) are parsed with
 ``yaml.safe_load``, so ``steps=5``, ``lr=3e-3``, ``chunk_bytes=null`` and
@@ -61,15 +61,27 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         unknown = set(self.paths) - {"vpcce", "materialized"}
         if not self.paths or unknown or len(set(self.paths)) != len(self.paths):
-            raise ValueError(f"paths must be distinct names from ['vpcce', 'materialized'], got {self.paths}")
-        for key in ("steps", "batch_size", "vocab_size", "d_model", "n_layers", "n_heads", "log_every",
-                    "memory_every"):
+            raise ValueError(
+                f"paths must be distinct names from ['vpcce', 'materialized'], got {self.paths}"
+            )
+        for key in (
+            "steps",
+            "batch_size",
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "log_every",
+            "memory_every",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.model == "megatron_gpt" and self.device != "cuda":
+            raise ValueError(
+                "model='megatron_gpt' needs device='cuda' (Megatron allocates on CUDA)"
+            )
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (next-token pairs), got {self.seq_len}")
-        if self.model == "megatron_gpt" and self.device != "cuda":
-            raise ValueError("model='megatron_gpt' needs device='cuda'")
 
     @property
     def torch_dtype(self):
@@ -96,7 +108,9 @@ def _coerce(key: str, value, kind):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{key} must be {kind.__name__}{' or null' if optional else ''}, got {value!r}")
+        raise ValueError(
+            f"{key} must be {kind.__name__}{' or null' if optional else ''}, got {value!r}"
+        )
     return value
 
 

@@ -1,4 +1,4 @@
-"""A generated "language" for the training demo: a class-based Markov chain over a Zipfian vocabulary.
+"""The training demo's generated "language": a class-based Markov chain over a Zipfian vocabulary.
 
 Nothing is downloaded. The vocabulary ``[0, V)`` is split into ``K`` classes of near-equal size by
 a seeded permutation (so every class has members in every rank's vocabulary shard). A hidden
@@ -30,13 +30,22 @@ class MarkovCorpus:
     for identical ``(seed, step)`` on every rank and every run."""
 
     def __init__(
-        self, vocab_size: int, num_classes: int = 64, branching: int = 4, zipf_exponent: float = 1.1,
-        mixing: float = 0.02, seed: int = 0,
+        self,
+        vocab_size: int,
+        num_classes: int = 64,
+        branching: int = 4,
+        zipf_exponent: float = 1.1,
+        mixing: float = 0.02,
+        seed: int = 0,
     ):
         if not 1 <= num_classes <= vocab_size:
-            raise ValueError(f"num_classes must be in [1, vocab_size={vocab_size}], got {num_classes}")
+            raise ValueError(
+                f"num_classes must be in [1, vocab_size={vocab_size}], got {num_classes}"
+            )
         if not 1 <= branching <= num_classes:
-            raise ValueError(f"branching must be in [1, num_classes={num_classes}], got {branching}")
+            raise ValueError(
+                f"branching must be in [1, num_classes={num_classes}], got {branching}"
+            )
         if not 0.0 <= mixing <= 1.0:
             raise ValueError(f"mixing must be in [0, 1], got {mixing}")
         rng = np.random.default_rng(seed)

@@ -81,11 +81,16 @@ def materialized_loss(
 
 
 def vpcce_loss(
-    h: torch.Tensor, w_shard: torch.Tensor, targets: torch.Tensor, opts: VocabParallelOptions,
+    h: torch.Tensor,
+    w_shard: torch.Tensor,
+    targets: torch.Tensor,
+    opts: VocabParallelOptions,
     **options,
 ) -> torch.Tensor:
     """The same loss through vpcce (``shift=1`` pairs ``h[:, :-1]`` with ``targets[:, 1:]``)."""
-    return linear_cross_entropy(h, w_shard, targets, shift=1, vocab_parallel_options=opts, **options)
+    return linear_cross_entropy(
+        h, w_shard, targets, shift=1, vocab_parallel_options=opts, **options
+    )
 
 
 LOSSES = {"vpcce": vpcce_loss, "materialized": materialized_loss}

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +50,8 @@ from vpcce.launch.memory import MEMORY_DEFINITION, MemoryMeter, NoMeter
 
 
 class TinyJob:
-    """`TinyLM` body (replicated) + this rank's head shard + one of the two loss paths."""
+    """`TinyLM` body (replicated) + this rank's head shard + one of the two loss paths, trained
+    with AdamW."""
 
     def __init__(self, cfg: TrainConfig, path: str, opts: VocabParallelOptions, device):
         from vpcce.launch.losses import LOSSES
@@ -62,33 +64,39 @@ class TinyJob:
         self.head = torch.nn.Parameter(w.to(device=device, dtype=cfg.torch_dtype))
         self.loss_fn, self.opts = LOSSES[path], opts
         self.options = {"impl": cfg.impl, "chunk_bytes": cfg.chunk_bytes} if path == "vpcce" else {}
+        self.optimizer = torch.optim.AdamW(
+            [*self.model.parameters(), self.head],
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+            weight_decay=cfg.weight_decay,
+            fused=True,  # fused: 8x faster than the loop on CPU
+        )
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [*self.model.parameters(), self.head]
-
-    def replicated_parameters(self) -> list[torch.nn.Parameter]:
+    def replicated_parameters(self) -> list[torch.Tensor]:
         return list(self.model.parameters())
 
-    def forward_backward(self, tokens: torch.Tensor, meter: MemoryMeter) -> torch.Tensor:
-        h = self.model(tokens)
-        # the loss op on a leaf copy of h, so its memory is measured alone; then on into the body
-        h_leaf = h.detach().requires_grad_()
-        with meter.window():
-            loss = self.loss_fn(h_leaf, self.head, tokens, self.opts, **self.options)
-            loss.backward()
-        h.backward(h_leaf.grad)
+    def train_step(self, tokens: torch.Tensor, meter: MemoryMeter, lr: float) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with meter:
+            h = self.model(tokens)
+            # the loss op on a leaf copy of h, so its memory is measured alone; then into the body
+            h_leaf = h.detach().requires_grad_()
+            with meter.window():
+                loss = self.loss_fn(h_leaf, self.head, tokens, self.opts, **self.options)
+                loss.backward()
+            h.backward(h_leaf.grad)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
         return loss.detach()
 
 
 def build_job(cfg: TrainConfig, path: str, opts: VocabParallelOptions, device):
     if cfg.model == "tiny":
         return TinyJob(cfg, path, opts, device)
-    try:
-        from vpcce.launch.megatron_gpt import MegatronGPTJob
-    except ImportError as exc:  # megatron-core missing, or the integration not importable
-        raise SystemExit(f"config {cfg.name!r} (model: megatron_gpt) needs megatron-core and "
-                         f"vpcce.integrations.megatron: {exc}. Install with pip install -e '.[megatron]'.") from exc
-    return MegatronGPTJob(cfg, path, opts, device)
+    from vpcce.launch.megatron_gpt import MegatronGPTJob  # megatron-core only for this model
+
+    return MegatronGPTJob(cfg, path, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,36 +134,39 @@ def _replica_divergence(params: list[torch.Tensor], device) -> float:
 
 def train_path(cfg: TrainConfig, path: str, corpus: MarkovCorpus, opts, device, rank: int) -> dict:
     job = build_job(cfg, path, opts, device)
-    opt = torch.optim.AdamW(job.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                            weight_decay=cfg.weight_decay, fused=True)  # fused: 8x faster on CPU
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     meter, no_meter = MemoryMeter(device), NoMeter()
-    losses, step_ms, measured, step_peak, loss_peak = [], [], [], 0, 0
-    bar = tqdm(total=cfg.steps, desc=f"{path:>12}", disable=rank != 0, dynamic_ncols=True, leave=True)
+    losses, step_ms, measured, step_peak, loss_peak = [], [], [], 0, None
+    bar = tqdm(
+        total=cfg.steps,
+        desc=f"{path:>12}",
+        disable=rank != 0,
+        dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 5.0,
+    )
     dist.barrier()
     wall0 = time.perf_counter()
     for step in range(cfg.steps):
         tokens = corpus.batch(cfg.batch_size, cfg.seq_len, step, cfg.seed).to(device)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        lr = cfg.lr * _lr_factor(step, cfg)
         # CPU memory tracking slows a step down: it runs on a few steps (the shapes never change)
         m = meter if device.type == "cuda" or step % cfg.memory_every == 0 else no_meter
-        with m:
-            loss = job.forward_backward(tokens, m)
-        opt.step()
-        sched.step()
-        value = loss.item()  # also waits for the step: the timing below is the whole step
+        t0 = time.perf_counter()
+        loss = job.train_step(tokens, m, lr)
+        value = loss.item()  # waits for the step: the time below is the whole step
         step_ms.append(1e3 * (time.perf_counter() - t0))
         measured.append(m is meter)
         if m is meter:
             step_peak = max(step_peak, m.step_peak)
-            loss_peak = max(loss_peak, m.window_peak or 0)
+            if m.window_peak is not None:
+                loss_peak = max(loss_peak or 0, m.window_peak)
         losses.append(value)
         bar.update()
-        bar.set_postfix(loss=f"{value:.4f}")
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or step == 0):
-            bar.write(f"[{path}] step {step + 1:>5}/{cfg.steps}  loss {value:.4f}  "
-                      f"lr {sched.get_last_lr()[0]:.2e}  step {step_ms[-1]:.0f} ms")
+            bar.write(
+                f"[{path}] step {step + 1:>5}/{cfg.steps}  loss {value:.4f}  "
+                f"lr {lr:.2e}  step {step_ms[-1]:.0f} ms"
+            )
         if not math.isfinite(value):
             bar.close()
             raise FloatingPointError(f"[{path}] loss is {value} at step {step + 1}")
@@ -163,15 +174,18 @@ def train_path(cfg: TrainConfig, path: str, corpus: MarkovCorpus, opts, device, 
     dist.barrier()
     wall = time.perf_counter() - wall0
     bar.close()
-    step_peak, loss_peak = _max_over_ranks([step_peak, loss_peak], device)
+    step_peak, loss_peak_max = _max_over_ranks([step_peak, loss_peak or 0], device)
+    replicated = job.replicated_parameters()
     return {
         "losses": losses,
         "step_ms": step_ms,
         "memory_measured": measured,  # steps whose time includes the CPU memory tracker
         "wall_s": wall,
         "step_peak_bytes": int(step_peak),
-        "loss_op_peak_bytes": int(loss_peak) if cfg.model == "tiny" else None,
-        "replica_max_abs_diff": _replica_divergence(job.replicated_parameters(), device),
+        "loss_op_peak_bytes": None if loss_peak is None else int(loss_peak_max),
+        "replica_max_abs_diff": None
+        if replicated is None
+        else _replica_divergence(replicated, device),
     }
 
 
@@ -179,15 +193,21 @@ def train_path(cfg: TrainConfig, path: str, corpus: MarkovCorpus, opts, device, 
 # reporting (rank 0)
 
 
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
 def _mib(b) -> str:
-    return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
+    if b is None:
+        return "n/a"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
-def _mean_step_ms(res: dict) -> float:
-    """Mean over the steps run without the CPU memory tracker (all steps if every one had it)."""
+def _median_step_ms(res: dict) -> float:
+    """Median over the steps run without the CPU memory tracker (all steps on CUDA); the median
+    leaves out the first steps' one-time costs (Triton autotuning and compilation)."""
     plain = [t for t, m in zip(res["step_ms"], res["memory_measured"], strict=True) if not m]
-    plain = plain or res["step_ms"]
-    return sum(plain) / len(plain)
+    return statistics.median(plain or res["step_ms"])
 
 
 def compare(results: dict) -> dict | None:
@@ -195,29 +215,43 @@ def compare(results: dict) -> dict | None:
         return None
     a, b = results["vpcce"]["losses"], results["materialized"]["losses"]
     diff = [abs(x - y) for x, y in zip(a, b, strict=True)]
-    return {"first_abs_diff": diff[0], "mean_abs_diff": sum(diff) / len(diff), "max_abs_diff": max(diff)}
+    return {
+        "first_abs_diff": diff[0],
+        "mean_abs_diff": sum(diff) / len(diff),
+        "max_abs_diff": max(diff),
+    }
 
 
 def summary_table(results: dict, comparison: dict | None, corpus_info: dict) -> str:
     names = list(results)
     rows = [
         ("final loss (last step)", [f"{results[n]['losses'][-1]:.4f}" for n in names]),
-        ("mean loss, last 10 steps", [f"{sum(results[n]['losses'][-10:]) / len(results[n]['losses'][-10:]):.4f}" for n in names]),
+        (
+            "mean loss, last 10 steps",
+            [
+                f"{sum(results[n]['losses'][-10:]) / len(results[n]['losses'][-10:]):.4f}"
+                for n in names
+            ],
+        ),
         ("loss-op peak memory", [_mib(results[n]["loss_op_peak_bytes"]) for n in names]),
         ("step peak memory", [_mib(results[n]["step_peak_bytes"]) for n in names]),
-        ("mean step time", [f"{_mean_step_ms(results[n]):.0f} ms" for n in names]),
+        ("median step time", [f"{_median_step_ms(results[n]):.0f} ms" for n in names]),
         ("wall time", [f"{results[n]['wall_s']:.1f} s" for n in names]),
-        ("replica max |diff|", [f"{results[n]['replica_max_abs_diff']:.1e}" for n in names]),
+        ("replica max |diff|", [_fmt(results[n]["replica_max_abs_diff"], ".1e") for n in names]),
     ]
     width = max(len(r[0]) for r in rows) + 2
     lines = [" " * width + "".join(f"{n:>16}" for n in names)]
     lines += [f"{label:<{width}}" + "".join(f"{v:>16}" for v in vals) for label, vals in rows]
     if comparison:
-        lines.append(f"loss curves: |vpcce - materialized| first step {comparison['first_abs_diff']:.2e}, "
-                     f"mean {comparison['mean_abs_diff']:.2e}, max {comparison['max_abs_diff']:.2e}")
-    lines.append(f"reference: ln V = {corpus_info['log_vocab']:.3f}, unigram entropy = "
-                 f"{corpus_info['unigram_entropy']:.3f}, entropy rate (best possible) = "
-                 f"{corpus_info['entropy_rate']:.3f} nats")
+        lines.append(
+            f"loss curves: |vpcce - materialized| first step {comparison['first_abs_diff']:.2e}, "
+            f"mean {comparison['mean_abs_diff']:.2e}, max {comparison['max_abs_diff']:.2e}"
+        )
+    lines.append(
+        f"reference: ln V = {corpus_info['log_vocab']:.3f}, unigram entropy = "
+        f"{corpus_info['unigram_entropy']:.3f}, entropy rate (best possible) = "
+        f"{corpus_info['entropy_rate']:.3f} nats"
+    )
     return "\n".join(lines)
 
 
@@ -228,29 +262,47 @@ def write_plot(path: Path, results: dict, corpus_info: dict, title: str) -> bool
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no loss.png", file=sys.stderr)
+        print(
+            "matplotlib is not installed (pip install -e '.[bench]'): no loss.png", file=sys.stderr
+        )
         return False
     both = {"vpcce", "materialized"} <= set(results)
-    fig, axes = plt.subplots(2 if both else 1, 1, figsize=(8, 6.5 if both else 4.5), squeeze=False,
-                             sharex=True, gridspec_kw={"height_ratios": [3, 1.2] if both else [1]})
+    fig, axes = plt.subplots(
+        2 if both else 1,
+        1,
+        figsize=(8, 6.5 if both else 4.5),
+        squeeze=False,
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 1.2] if both else [1]},
+    )
     ax = axes[0, 0]
     styles = {"vpcce": {"lw": 1.6}, "materialized": {"lw": 1.2, "ls": "--"}}
     for name, res in results.items():
         steps = range(1, len(res["losses"]) + 1)
-        mem = res["loss_op_peak_bytes"] if res["loss_op_peak_bytes"] is not None else res["step_peak_bytes"]
+        mem = (
+            res["loss_op_peak_bytes"]
+            if res["loss_op_peak_bytes"] is not None
+            else res["step_peak_bytes"]
+        )
         kind = "loss-op" if res["loss_op_peak_bytes"] is not None else "step"
-        ax.plot(steps, res["losses"], label=f"{name} ({kind} peak {_mib(mem)})", **styles.get(name, {}))
+        ax.plot(
+            steps, res["losses"], label=f"{name} ({kind} peak {_mib(mem)})", **styles.get(name, {})
+        )
     ax.axhline(corpus_info["unigram_entropy"], color="gray", ls=":", lw=1, label="unigram entropy")
-    ax.axhline(corpus_info["entropy_rate"], color="black", ls=":", lw=1, label="entropy rate (optimum)")
+    ax.axhline(
+        corpus_info["entropy_rate"], color="black", ls=":", lw=1, label="entropy rate (optimum)"
+    )
     ax.set_ylabel("loss (nats)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     if both:
         a, b = results["vpcce"]["losses"], results["materialized"]["losses"]
-        diff = [max(abs(x - y), 1e-12) for x, y in zip(a, b, strict=True)]
+        floor = 1e-8  # equal losses are drawn here (a log axis has no 0)
+        diff = [max(abs(x - y), floor) for x, y in zip(a, b, strict=True)]
         axes[1, 0].semilogy(range(1, len(diff) + 1), diff, lw=1, color="C2")
-        axes[1, 0].set_ylabel("|vpcce - materialized|")
+        axes[1, 0].set_ylim(bottom=floor / 2)
+        axes[1, 0].set_ylabel("|vpcce - materialized|\n(equal: 1e-8)", fontsize=8)
         axes[1, 0].grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
@@ -261,8 +313,16 @@ def write_plot(path: Path, results: dict, corpus_info: dict, title: str) -> bool
 
 def _environment(world: int) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     import vpcce
@@ -292,7 +352,9 @@ def _init_distributed(cfg: TrainConfig) -> torch.device:
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"config {cfg.name!r} has device: cuda but no CUDA device is available")
+            raise SystemExit(
+                f"config {cfg.name!r} has device: cuda but no CUDA device is available"
+            )
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
@@ -302,9 +364,13 @@ def _init_distributed(cfg: TrainConfig) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpcce.launch.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vpcce.launch.train", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--config", required=True, help="YAML file (configs/train/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value, parsed as YAML (e.g. steps=5 out_dir=/tmp/x)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value, parsed as YAML (e.g. steps=5 out_dir=/tmp/x)"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -322,17 +388,27 @@ def _run(cfg: TrainConfig, device: torch.device) -> int:
     opts = VocabParallelOptions.from_vocab(cfg.vocab_size)
     shards = [None] * world
     dist.all_gather_object(shards, [opts.start, opts.stop])
-    corpus = MarkovCorpus(cfg.vocab_size, cfg.num_classes, cfg.branching, cfg.zipf_exponent,
-                          seed=cfg.corpus_seed)
-    corpus_info = {"log_vocab": math.log(cfg.vocab_size), "unigram_entropy": corpus.unigram_entropy,
-                   "entropy_rate": corpus.entropy_rate}
+    corpus = MarkovCorpus(
+        cfg.vocab_size, cfg.num_classes, cfg.branching, cfg.zipf_exponent, seed=cfg.corpus_seed
+    )
+    corpus_info = {
+        "log_vocab": math.log(cfg.vocab_size),
+        "unigram_entropy": corpus.unigram_entropy,
+        "entropy_rate": corpus.entropy_rate,
+    }
     if rank == 0:
         n = cfg.batch_size * (cfg.seq_len - 1)
-        print(f"{cfg.name}: model {cfg.model}, {world} rank(s) over {dist.get_backend()} on {device.type}, "
-              f"V={cfg.vocab_size} (shards {shards}), D={cfg.d_model}, {n} predicted tokens/step, "
-              f"{cfg.steps} steps, paths {cfg.paths}")
-        print(f"corpus: ln V = {corpus_info['log_vocab']:.3f}, unigram entropy "
-              f"{corpus_info['unigram_entropy']:.3f}, entropy rate {corpus_info['entropy_rate']:.3f} nats")
+        print(
+            f"{cfg.name}: model {cfg.model}, {world} rank(s) over {dist.get_backend()} "
+            f"on {device.type}, "
+            f"V={cfg.vocab_size} (shards {shards}), D={cfg.d_model}, {n} predicted tokens/step, "
+            f"{cfg.steps} steps, paths {cfg.paths}"
+        )
+        print(
+            f"corpus: ln V = {corpus_info['log_vocab']:.3f}, unigram entropy "
+            f"{corpus_info['unigram_entropy']:.3f}, "
+            f"entropy rate {corpus_info['entropy_rate']:.3f} nats"
+        )
     results = {}
     for path in cfg.paths:
         results[path] = train_path(cfg, path, corpus, opts, device, rank)
@@ -352,8 +428,10 @@ def _run(cfg: TrainConfig, device: torch.device) -> int:
         "environment": _environment(world),
     }
     (out / "train.json").write_text(json.dumps(record, indent=1))
-    title = (f"{cfg.name}: {cfg.model}, V={cfg.vocab_size} sharded over {world} ranks, "
-             f"{cfg.batch_size}x{cfg.seq_len} tokens/step")
+    title = (
+        f"{cfg.name}: {cfg.model}, V={cfg.vocab_size} sharded over {world} "
+        f"rank{'s' * (world > 1)}, {cfg.batch_size}x{cfg.seq_len} tokens/step"
+    )
     wrote_png = write_plot(out / "loss.png", results, corpus_info, title)
     print(f"wrote {out / 'train.json'}" + (f" and {out / 'loss.png'}" if wrote_png else ""))
     return 0

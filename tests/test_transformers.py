@@ -1,0 +1,252 @@
+"""`vpcce.integrations.transformers.patch` against the unpatched models, on the CPU.
+
+Tiny randomly initialised fp32 models built from configs (no downloads) for the acceptance
+architectures (llama, mistral, gemma2 with final-logit softcapping, qwen2, phi3), the other
+config-driven logit transforms (cohere ``logit_scale``, granite ``logits_scaling``) and an MoE
+(mixtral: the router's auxiliary loss is added by the model's own forward). The output
+embedding is scaled so logits are O(3): softcapping and scaling change the loss, which the test
+checks before comparing. A patched copy and the original see the same inputs; compared:
+
+- loss and every parameter's gradient (relative error ``max |x - ref| / max |ref|`` <= `TOL`),
+  for the mean loss and for gradient accumulation over two micro-batches with
+  ``num_items_in_batch`` (transformers: sum of token losses / num_items_in_batch);
+- logits: none after a patched training forward; the model's own without labels, and in eval
+  with ``eval_logits=True``;
+- ``shift_labels``, ``return_dict=False``, patching by class / model_type / config, `unpatch`,
+  and the refusals (unknown options, an unknown logit transform, a custom loss function).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from vpcce.integrations.transformers import logit_transform, patch, unpatch  # noqa: E402
+
+VOCAB = 512
+TOL = 2e-5  # fp32: loss and gradients against the unpatched model
+LOGIT_SCALE_UP = 30.0  # output embedding x 30: logits ~ N(0, 3^2) instead of N(0, 0.1^2)
+_TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+ARCHS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=3.0)),
+    "qwen2": ("Qwen2Config", {}),
+    "phi3": ("Phi3Config", {}),
+    "cohere": ("CohereConfig", dict(logit_scale=0.5)),
+    "granite": ("GraniteConfig", dict(logits_scaling=2.0)),
+    "mixtral": (
+        "MixtralConfig",
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            output_router_logits=True,
+            router_aux_loss_coef=0.1,
+        ),
+    ),
+}
+ACCEPTANCE = ["llama", "mistral", "gemma2", "qwen2", "phi3"]
+
+
+def make_model(arch: str, seed: int = 0, **overrides):
+    name, extra = ARCHS[arch]
+    config = getattr(transformers, name)(**{**_TINY, **extra, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(LOGIT_SCALE_UP)
+    return model.train()
+
+
+def batch(seed: int, b: int = 2, t: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (b, t), generator=g)
+    labels = ids.clone()
+    labels[0, : t // 3] = -100  # a prompt that is not trained on
+    labels[-1, -2:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[-1, -2:] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def rel_err(x, ref) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    scale = ref.abs().max()
+    return float((x - ref).abs().max() / scale) if scale > 0 else float((x - ref).abs().max())
+
+
+def grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_match(model, ref, what: str):
+    got, want = grads(model), grads(ref)
+    assert got.keys() == want.keys()
+    worst = max(want, key=lambda n: rel_err(got[n], want[n]))
+    assert rel_err(got[worst], want[worst]) <= TOL, f"{what}: gradient of {worst}"
+
+
+def pair(arch: str, **options):
+    ref = make_model(arch)
+    return patch(copy.deepcopy(ref), impl=options.pop("impl", "torch"), **options), ref
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_loss_and_gradients_match(arch):
+    model, ref = pair(arch)
+    data = batch(1)
+    out, want = model(**data), ref(**data)
+    assert out.logits is None and want.logits is not None
+    assert rel_err(out.loss, want.loss) <= TOL, (out.loss, want.loss)
+    out.loss.backward()
+    want.loss.backward()
+    assert_grads_match(model, ref, arch)
+    softcap, scale = logit_transform(ref.config)
+    if softcap is not None or scale != 1.0:  # the transform must matter for this to test it
+        with torch.no_grad():
+            raw = ref.lm_head(ref.model(input_ids=data["input_ids"]).last_hidden_state)
+        untransformed = F.cross_entropy(raw[:, :-1].flatten(0, 1), data["labels"][:, 1:].flatten())
+        assert rel_err(untransformed, want.loss) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ACCEPTANCE)
+def test_gradient_accumulation_num_items_in_batch(arch):
+    model, ref = pair(arch)
+    micro = [batch(2), batch(3, b=3, t=7)]
+    num_items = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+    for i, m in enumerate(micro):
+        # the Trainer passes a tensor; an int is accepted too
+        n = torch.tensor(num_items) if i == 0 else num_items
+        out, want = model(**m, num_items_in_batch=n), ref(**m, num_items_in_batch=n)
+        assert rel_err(out.loss, want.loss) <= TOL, (i, out.loss, want.loss)
+        out.loss.backward()
+        want.loss.backward()
+    assert_grads_match(model, ref, f"{arch} accumulated")
+
+
+def test_triton_kernels():
+    """impl="triton" (the interpreter on CPU): the patch passes vpcce options through."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("impl='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    model, ref = pair("gemma2", impl="triton")
+    data = batch(4)
+    out, want = model(**data), ref(**data)
+    assert rel_err(out.loss, want.loss) <= TOL
+    out.loss.backward()
+    want.loss.backward()
+    assert_grads_match(model, ref, "triton")
+
+
+def test_logits_paths():
+    model, ref = pair("llama")
+    data = batch(5)
+    no_labels = {k: v for k, v in data.items() if k != "labels"}
+    torch.testing.assert_close(model(**no_labels).logits, ref(**no_labels).logits)
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        out = model(**data)
+        assert out.logits is None and rel_err(out.loss, ref(**data).loss) <= TOL
+        patch(model, eval_logits=True, impl="torch")
+        out, want = model(**data), ref(**data)
+        torch.testing.assert_close(out.logits, want.logits)
+        torch.testing.assert_close(out.loss, want.loss)
+    model.train()
+    assert model(**data).logits is None
+
+
+def test_shift_labels_and_tuple_output():
+    model, ref = pair("qwen2")
+    data = batch(6)
+    labels = data.pop("labels")
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    out, want = model(**data, shift_labels=shifted, labels=labels), ref(**data, labels=labels)
+    assert rel_err(out.loss, want.loss) <= TOL
+    got = model(**data, labels=labels, return_dict=False)
+    full = ref(**data, labels=labels, return_dict=False)
+    assert len(got) == len(full) - 1  # (loss, logits, ...) without the logits
+    assert rel_err(got[0], full[0]) <= TOL
+    for g, f in zip(got[1:], full[2:], strict=True):
+        assert type(g) is type(f)
+
+
+def test_patch_by_class_type_and_config():
+    cls = transformers.LlamaForCausalLM
+    try:
+        for target in (cls, "llama", transformers.LlamaConfig()):
+            assert patch(target, impl="torch") is cls
+            assert getattr(make_model("llama"), "_vpcce_state", None) is not None
+            assert getattr(make_model("qwen2"), "_vpcce_state", None) is None
+            unpatch(cls)
+            assert getattr(make_model("llama"), "_vpcce_state", None) is None
+    finally:
+        unpatch(cls)
+
+
+def test_unpatch_instance():
+    model, ref = pair("llama")
+    unpatch(model)
+    assert "forward" not in vars(model) and "forward" not in vars(model.lm_head)
+    assert "_loss_function" not in vars(model)
+    data = batch(7)
+    out = model(**data)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, ref(**data).loss)
+
+
+def test_deepcopy_of_a_patched_model():
+    """A copy (an EMA model, a reference policy) is patched on its own, not through the original."""
+    model, ref = pair("llama")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(0.5)
+        ref_twin = copy.deepcopy(ref)
+        ref_twin.lm_head.weight.mul_(0.5)
+    data = batch(9)
+    for m, r in ((twin, ref_twin), (model, ref)):
+        out = m(**data)
+        assert out.logits is None and rel_err(out.loss, r(**data).loss) <= TOL
+
+
+def test_trainer_sees_the_original_signature():
+    """The Trainer passes num_items_in_batch only to a forward that takes **kwargs."""
+    model, _ = pair("llama")
+    params = inspect.signature(model.forward).parameters
+    assert "labels" in params
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def test_refusals():
+    with pytest.raises(TypeError, match="unknown vpcce options.*reduction"):
+        patch(make_model("llama"), reduction="sum")
+    with pytest.raises(TypeError, match="patch takes a model"):
+        patch(3)
+    with pytest.raises(ValueError, match="no \\*ForCausalLM class"):
+        patch("no-such-model")
+    # the forward softcaps, but the config did not say so when the model was patched
+    model = patch(make_model("gemma2", final_logit_softcapping=None), impl="torch")
+    model.config.final_logit_softcapping = 3.0
+    with pytest.raises(ValueError, match="transforms the output embedding's output"):
+        model(**batch(8))
+    custom = make_model("llama")
+    if inspect.getattr_static(type(custom), "loss_function").fset is not None:  # >= 4.50
+        custom.loss_function = lambda *a, **k: 0.0
+        with pytest.raises(ValueError, match="custom loss_function"):
+            patch(custom)
