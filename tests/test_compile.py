@@ -196,6 +196,21 @@ def test_argument_errors_at_trace_time():
         compiled(e, c.double(), bias, targets, "torch")
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_stays_outside(compiled):
+    """As for F.cross_entropy, autocast leaves the loss in the inputs' dtypes (fp32 here)."""
+    e, c, bias, targets = inputs()
+    want_out, want_grads = run(step, e, c, bias, targets, "torch")
+    fn = step
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = run(fn, e, c, bias, targets, "torch")
+    assert_same(out, want_out, exact=True)
+    assert_same(grads, want_grads, exact=True)
+
+
 def test_eager_calls_do_not_use_the_op():
     e, c, bias, targets = inputs()
     loss = linear_cross_entropy(e, c, targets, bias, impl="torch")

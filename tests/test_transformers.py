@@ -14,6 +14,10 @@ checks before comparing. A patched copy and the original see the same inputs; co
   with ``eval_logits=True``;
 - ``shift_labels``, ``return_dict=False``, patching by class / model_type / config, `unpatch`,
   and the refusals (unknown options, an unknown logit transform, a custom loss function).
+
+Versions: the installed transformers here; every ``.transformers/<version>/`` directory
+(``pip install --target``, made by .ci/run; 4.48, the oldest supported) runs this file again in
+a subprocess with that directory first on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +36,12 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from vpcce.integrations.transformers import logit_transform, patch, unpatch  # noqa: E402
+
+# set by test_installed_versions for the subprocess that runs this file on another version
+_EXPECTED_VERSION = os.environ.get("VPCCE_TRANSFORMERS_VERSION")
+if _EXPECTED_VERSION is not None:
+    assert transformers.__version__.startswith(_EXPECTED_VERSION), transformers.__version__
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 VOCAB = 512
 TOL = 2e-5  # fp32: loss and gradients against the unpatched model
@@ -154,6 +167,18 @@ def test_triton_kernels():
     assert_grads_match(model, ref, "triton")
 
 
+def test_autocast():
+    """Under autocast the head's operands are cast as nn.Linear would cast them."""
+    model, ref = pair("llama")
+    data = batch(10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = model(**data), ref(**data)
+    # transformers rounds the logits to bf16 before its fp32 loss; vpcce keeps them in fp32
+    assert out.loss.dtype == torch.float32 and rel_err(out.loss, want.loss) <= 1e-2
+    out.loss.backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32
+
+
 def test_logits_paths():
     model, ref = pair("llama")
     data = batch(5)
@@ -250,3 +275,22 @@ def test_refusals():
         custom.loss_function = lambda *a, **k: 0.0
         with pytest.raises(ValueError, match="custom loss_function"):
             patch(custom)
+
+
+_VERSION_DIRS = sorted(
+    p for p in (ROOT / ".transformers").glob("*") if (p / "transformers").is_dir()
+)
+
+
+@pytest.mark.skipif(_EXPECTED_VERSION is not None, reason="already on another version")
+@pytest.mark.parametrize("path", _VERSION_DIRS or [None], ids=lambda p: getattr(p, "name", "none"))
+def test_installed_versions(path):
+    if path is None:
+        pytest.skip("no .transformers/<version>/ install (made by .ci/run)")
+    env = dict(os.environ, VPCCE_TRANSFORMERS_VERSION=path.name)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+           str(pathlib.Path(__file__))]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout, done.stdout[-2000:]

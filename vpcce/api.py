@@ -115,14 +115,17 @@ def linear_cross_entropy(
     if vp is not None and not isinstance(vp, VocabParallelOptions):
         raise TypeError(f"vocab_parallel_options must be VocabParallelOptions, got {type(vp).__name__}")
     # 2. the loss: the autograd Function, or under torch.compile one opaque custom op (vpcce.ops)
-    # whose implementation runs the same configuration and Function bodies when the graph runs
-    if torch.compiler.is_compiling():
-        loss, lse, entropy, argmax = ops.linear_cross_entropy(
-            e, c, targets, bias, vp, lse_used=return_lse, **options
-        )
-    else:
-        cfg = loss_config(e, c, targets, bias, vp, **options)
-        loss, lse, entropy, argmax = _LinearCrossEntropy.apply(e, c, bias, targets, cfg)
+    # whose implementation runs the same configuration and Function bodies when the graph runs.
+    # autocast stays outside, as for F.cross_entropy: the inputs keep their dtypes, and the
+    # fp32 tile products of the implementations stay fp32.
+    with torch.autocast(e.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            loss, lse, entropy, argmax = ops.linear_cross_entropy(
+                e, c, targets, bias, vp, lse_used=return_lse, **options
+            )
+        else:
+            cfg = loss_config(e, c, targets, bias, vp, **options)
+            loss, lse, entropy, argmax = _LinearCrossEntropy.apply(e, c, bias, targets, cfg)
 
     # 3. outputs
     out = [loss]

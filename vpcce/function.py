@@ -8,6 +8,7 @@ Backward recomputes everything else from ``e``, ``c``, ``bias``, ``targets`` and
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -62,6 +63,21 @@ def _hidden(e: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     )
 
 
+def _without_autocast(backward):
+    """Run ``backward`` with autocast off, as `vpcce.api` runs the forward.
+
+    A backward called inside an autocast region (``with autocast(): loss.backward()``) would
+    otherwise run the implementations' fp32 tile products in reduced precision.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapper
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e, c, bias, targets, cfg: LossConfig):
@@ -103,6 +119,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss, lse.view(shape), entropy.view(shape), argmax.view(shape)
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax):
         e, c, bias, targets, lse, valid, count = ctx.saved_tensors
         cfg: LossConfig = ctx.cfg

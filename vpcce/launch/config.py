@@ -43,6 +43,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.0
+    grad_clip: float = 1.0  # global gradient-norm clipping (0: off); Megatron's default
     seed: int = 0
     # vpcce options
     impl: str = "auto"

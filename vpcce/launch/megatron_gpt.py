@@ -119,7 +119,7 @@ class MegatronGPTJob:
                 weight_decay=cfg.weight_decay,
                 adam_beta1=0.9,
                 adam_beta2=0.95,
-                clip_grad=1.0,
+                clip_grad=cfg.grad_clip,
                 bf16=dtype == torch.bfloat16,
                 params_dtype=dtype,
                 use_distributed_optimizer=False,

@@ -64,6 +64,7 @@ class TinyJob:
         self.head = torch.nn.Parameter(w.to(device=device, dtype=cfg.torch_dtype))
         self.loss_fn, self.opts = LOSSES[path], opts
         self.options = {"impl": cfg.impl, "chunk_bytes": cfg.chunk_bytes} if path == "vpcce" else {}
+        self.grad_clip = cfg.grad_clip
         self.optimizer = torch.optim.AdamW(
             [*self.model.parameters(), self.head],
             lr=cfg.lr,
@@ -85,10 +86,23 @@ class TinyJob:
                 loss = self.loss_fn(h_leaf, self.head, tokens, self.opts, **self.options)
                 loss.backward()
             h.backward(h_leaf.grad)
+        if self.grad_clip:
+            self._clip_gradients()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         return loss.detach()
+
+    def _clip_gradients(self) -> None:
+        """Scale all gradients so the global norm (body once, every rank's head shard) is at most
+        ``grad_clip``; every rank computes the same norm, so the replicas stay identical."""
+        body = [p.grad for p in self.model.parameters() if p.grad is not None]
+        head_sq = self.head.grad.float().pow(2).sum()
+        if dist.get_world_size(self.opts.group) > 1:
+            dist.all_reduce(head_sq, group=self.opts.group)
+        norm = (torch.stack([g.float().pow(2).sum() for g in body]).sum() + head_sq).sqrt()
+        scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([*body, self.head.grad], scale)
 
 
 def build_job(cfg: TrainConfig, path: str, opts: VocabParallelOptions, device):
