@@ -102,7 +102,8 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing, logit_scale=logit_scale, validate=validate,
         chunk_bytes=chunk_bytes,
     )
-    if not all(x is None or type(x) in _PLAIN_TENSOR_TYPES for x in (e, c, targets, bias)):
+    plain = all(x is None or type(x) in _PLAIN_TENSOR_TYPES for x in (e, c, targets, bias))
+    if not plain and torch.distributed.is_available():
         from vpcce.integrations import dtensor
 
         if dtensor.any_dtensor(e, c, targets, bias):
@@ -117,8 +118,9 @@ def linear_cross_entropy(
     # 2. the loss: the autograd Function, or under torch.compile one opaque custom op (vpcce.ops)
     # whose implementation runs the same configuration and Function bodies when the graph runs.
     # autocast stays outside, as for F.cross_entropy: the inputs keep their dtypes, and the
-    # fp32 tile products of the implementations stay fp32.
-    with torch.autocast(e.device.type, enabled=False):
+    # fp32 tile products of the implementations stay fp32 (a non-tensor e fails validation).
+    device_type = e.device.type if isinstance(e, torch.Tensor) else "cpu"
+    with torch.autocast(device_type, enabled=False):
         if torch.compiler.is_compiling():
             loss, lse, entropy, argmax = ops.linear_cross_entropy(
                 e, c, targets, bias, vp, lse_used=return_lse, **options

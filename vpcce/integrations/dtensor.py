@@ -26,7 +26,10 @@ different tokens: read the weight inside its module's forward, where FSDP2 has g
 
 from __future__ import annotations
 
-from torch.distributed.tensor import DTensor, Replicate, Shard
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch 2.4: DTensor was not public yet
+    from torch.distributed._tensor import DTensor, Replicate, Shard
 
 from vpcce.parallel.options import VocabParallelOptions
 
