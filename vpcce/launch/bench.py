@@ -602,6 +602,10 @@ def bench(cfg: BenchConfig) -> dict:
         if run.rank == 0:
             run.log(f"wrote {cfg.out_dir()}/{cfg.name}.{{json,md,png}}")
             print(markdown(report), flush=True)
+        if run.world > 1:
+            # leave together: a rank tearing down gloo while its peer still writes the report
+            # was seen to abort ("terminate called without an active exception")
+            dist.barrier()
         return report
     finally:
         if run.owns_group:

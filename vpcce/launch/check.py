@@ -319,6 +319,7 @@ def main(argv=None) -> int:
                 for case, q, err, tol in every[r]:
                     print(f"  rank {r} {case} {q}: error {err:.2e}, tol {tol:.2e}")
         print(f"FAIL: ranks {failed}" if failed else f"PASS: all {world} ranks", flush=True)
+    dist.barrier()  # leave together: tearing down gloo while a peer still works can abort it
     dist.destroy_process_group()
     return 1 if failed else 0
 

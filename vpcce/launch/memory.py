@@ -7,7 +7,7 @@ before it. Gradients from the previous step are freed first (``zero_grad(set_to_
 
 - CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the region's start (the
   caching allocator's view, so allocations are rounded up to its 512-byte blocks).
-- CPU has no allocator statistics, so `_LiveBytes` watches every ATen call below autograd (forward
+- CPU has no allocator statistics, so `LiveBytes` watches every ATen call below autograd (forward
   and backward) with a ``TorchDispatchMode``: each output storage that is new (shared with no input
   and not seen before) is counted once by its ``nbytes``, and a ``weakref.finalize`` subtracts it
   when the storage dies. Views and in-place results are never counted twice.
@@ -44,7 +44,7 @@ def _storages(tree, out: list | None = None) -> list[torch.UntypedStorage]:
     return out
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):
     """``live``: bytes of storages created inside the mode and still alive; ``peak``: their max."""
 
     def __init__(self):
@@ -89,7 +89,7 @@ class MemoryMeter:
         self.device = torch.device(device)
         self.step_peak = 0
         self.window_peak: int | None = None
-        self._mode: _LiveBytes | None = None
+        self._mode: LiveBytes | None = None
 
     def __enter__(self):
         self.window_peak = None
@@ -99,7 +99,7 @@ class MemoryMeter:
             self._base = torch.cuda.memory_allocated(self.device)
             self._peak_before_window = 0
         else:
-            self._mode = _LiveBytes().__enter__()
+            self._mode = LiveBytes().__enter__()
         return self
 
     def __exit__(self, *exc):

@@ -392,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     device = _init_distributed(cfg)
     try:
-        return _run(cfg, device)
+        code = _run(cfg, device)
+        dist.barrier()  # leave together: rank 0 may still be writing; gloo aborts if torn down early
+        return code
     finally:
         dist.destroy_process_group()
 
