@@ -182,3 +182,23 @@ def run_ranks(
             "(killed; their stacks were dumped to stderr)"
         )
     return [outcomes[r][1] for r in range(world_size)]
+
+
+def run_torchrun(module: str, *args: str, nproc: int = 2, timeout: float = 180):
+    """``torchrun --standalone --nproc_per_node nproc -m module *args`` from the repo root.
+
+    torchrun picks a free port itself (safe under pytest-xdist); one thread per rank.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), "-m", module, *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

@@ -3,37 +3,18 @@ rank passes, and the checker's self-test (``--inject-error``) makes the chosen r
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from multiproc import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180
 
 
 def torchrun_check(*args: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "vpcce.launch.check",
-        "--backend",
-        "gloo",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return run_torchrun("vpcce.launch.check", "--backend", "gloo", *args, timeout=TIMEOUT_S)
 
 
 def _lines(proc) -> list[str]:

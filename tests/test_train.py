@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import yaml
+from multiproc import run_torchrun
 
 from vpcce.launch.config import TrainConfig, load_config
 
@@ -30,23 +28,8 @@ EARLY_LOSS_TOL = 1e-3  # steps 2-3 follow one or two AdamW updates from the two 
 @pytest.mark.slow
 def test_cpu_demo_two_ranks(tmp_path):
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "vpcce.launch.train",
-        "--config",
-        str(CONFIG),
-        f"steps={STEPS}",
-        "memory_every=1",
-        f"out_dir={out}",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    args = ["--config", str(CONFIG), f"steps={STEPS}", "memory_every=1", f"out_dir={out}"]
+    proc = run_torchrun("vpcce.launch.train", *args, timeout=TIMEOUT_S)
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )

@@ -60,10 +60,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from vpcce.launch import methods as M
 from vpcce.launch.bench_report import FLOOR, FLOOR_FACTOR, markdown, plot
+from vpcce.launch.config import read_config
 from vpcce.launch.data import Batch, flat, lm_like
 from vpcce.launch.memory import MemoryMeter
 from vpcce.parallel import VocabParallelOptions
@@ -156,27 +156,9 @@ def peaked_name(entropy: float) -> str:
     return f"peaked~{entropy:g}"
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"overrides are key=value, got {text!r}")
-    return key.strip(), yaml.safe_load(raw)
-
-
 def load_config(path: str | Path | None, overrides=()) -> BenchConfig:
     """`BenchConfig` from a YAML mapping (or the defaults), then ``key=value`` overrides."""
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
-        raw.setdefault("name", path.stem)
-    raw.update(parse_override(o) for o in overrides)
-    names = [f.name for f in dataclasses.fields(BenchConfig)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {names}")
+    raw = read_config(path, overrides, [f.name for f in dataclasses.fields(BenchConfig)])
     cfg = BenchConfig(**raw)
     cfg.name = cfg.name or "bench"
     return cfg

@@ -116,23 +116,35 @@ def _coerce(key: str, value, kind):
 
 
 def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` from the command line; the value is parsed as YAML (``n=[1,2]`` is a list)."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise ValueError(f"overrides are key=value, got {text!r}")
     return key.strip(), yaml.safe_load(raw)
 
 
+def read_config(path: str | Path | None, overrides=(), fields=()) -> dict:
+    """A YAML mapping (``name`` defaults to the file's stem) updated by ``key=value`` overrides.
+
+    Shared by the launchers; keys outside ``fields`` (a dataclass's field names) are an error.
+    """
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+        raw.setdefault("name", path.stem)
+    raw.update(parse_override(o) for o in overrides)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {list(fields)}")
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """`TrainConfig` from a YAML file, then ``key=value`` overrides in order."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
-    raw.setdefault("name", path.stem)
-    raw.update(parse_override(o) for o in overrides)
-    hints = typing.get_type_hints(TrainConfig)
     names = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {names}")
+    raw = read_config(path, overrides, names)
+    hints = typing.get_type_hints(TrainConfig)
     return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in raw.items()})
