@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import random
+from dataclasses import replace
 from itertools import combinations
 
 import pytest
@@ -26,8 +27,9 @@ from truth import bf16_baseline, objective, paired, rel_err, truth
 import vpcce.kernels
 import vpcce.reference
 from vpcce import linear_cross_entropy
-from vpcce.kernels.backward import chunk_len
+from vpcce.kernels import common, grad_e
 from vpcce.kernels.common import blocks, interpreting
+from vpcce.kernels.grad_e import chunk_len
 from vpcce.layout import make_layout
 from vpcce.modes import BackwardMode
 from vpcce.partials import (
@@ -397,6 +399,32 @@ def test_masked_vocabulary_minus_inf_bias():
         assert torch.equal(got[:, col], want[:, col]), col  # ARGMAX of an empty slice: unspecified
 
 
+@pytest.mark.parametrize("split_every", [1, 2])
+def test_split_accumulation_computes_the_same_logits(monkeypatch, split_every):
+    """The GPU tiles' split accumulation (``split_every`` K steps chained on the tensor cores,
+    then one fp32 add; `vpcce.kernels.common.logits_tile`) is the same sum: with D = 80 the
+    second step group is partial (masked)."""
+    e, c, b, y = make_inputs(bias=True, seed=3)
+    want = run("triton", e, c, y, b, softcap=5.0)
+    cfg = replace(common.INTERPRETER_BLOCKS, split_acc=True, split_every=split_every)
+    monkeypatch.setattr(common, "INTERPRETER_BLOCKS", cfg)
+    assert not common.even_d(e.shape[-1], cfg)
+    got = run("triton", e, c, y, b, softcap=5.0)
+    for name, x, w in zip(("loss", "lse", "dE", "dC", "dbias"), got, want, strict=True):
+        assert rel_err(x, w.double()) <= 1e-6, name
+
+
+def test_grouped_program_order_covers_every_tile(monkeypatch):
+    """The backward walks token blocks in groups of ``group_n`` (L2 reuse); with 5 token blocks
+    and groups of 2 the last group is partial, and several chunks of 2 tiles each."""
+    e, c, b, y = make_inputs(t=80, bias=True, seed=4)  # 2 x 79 tokens: 5 blocks of 32
+    want = run("torch", e, c, y, b, shift=1)
+    monkeypatch.setattr(common, "INTERPRETER_BLOCKS", replace(common.INTERPRETER_BLOCKS, group_n=2))
+    got = run("triton", e, c, y, b, shift=1, chunk_bytes=_chunk_bytes_for(158, torch.float32) * 2)
+    for name, x, w in zip(("loss", "lse", "dE", "dC", "dbias"), got, want, strict=True):
+        assert rel_err(x, w.double()) <= 1e-5, name
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. backward over several vocabulary chunks
 # ---------------------------------------------------------------------------------------------
@@ -427,18 +455,59 @@ def test_multi_chunk_backward(dtype):
         for name, x, r, t in zip(("de", "dc", "dbias"), many[2:], ref[2:], tru[2:], strict=True):
             assert rel_err(x, r) <= FP32_TOL["grad"] and rel_err(x, t) <= FP32_TOL["grad"], name
         return
-    # bf16: the hi/lo pair (default) and the fp32 buffer (accum_e_fp32) carry dE across chunks
-    # about as accurately as one chunk's fp32 accumulator, rounded once (without the lo residual,
-    # measured 2.3x one chunk's error)
+    # bf16: the default accumulator and the fp32 one (accum_e_fp32) carry dE across chunks
+    # about as accurately as one chunk's fp32 accumulator, rounded once (a 16-bit accumulator
+    # without the hi/lo residual measured 2.3x one chunk's error); every kind: the next test
     acc_one = run("triton", e, c, y, b, z_loss=Z_LOSS, accum_e_fp32=True, **CHUNK_OPTS)
     acc_many = run(
         "triton", e, c, y, b, z_loss=Z_LOSS, chunk_bytes=small, accum_e_fp32=True, **CHUNK_OPTS
     )
-    for name, chunked, single in (("hi/lo", many, one), ("accum_e_fp32", acc_many, acc_one)):
+    for name, chunked, single in (("default", many, one), ("accum_e_fp32", acc_many, acc_one)):
         err, err_one = rel_err(chunked[2], tru.de), rel_err(single[2], tru.de)
         assert err <= 1.1 * err_one + 1e-4, (name, err, err_one)
     assert_bitwise(acc_many[3:], one[3:], names=("dc", "dbias"))
 
+
+
+@pytest.mark.parametrize("kind", [grad_e.SCRATCH, grad_e.FP32, grad_e.HI_LO_PAIR])
+def test_e_gradient_accumulators(monkeypatch, kind):
+    """Each way of accumulating a 16-bit dE across chunks (`vpcce.kernels.grad_e`) is as accurate
+    as one fp32 chunk and leaves dC and dbias bitwise unchanged, including the dC rows that held
+    the fp32 scratch and were written after recomputing their dz."""
+    e, c, b, y = make_inputs(dtype=torch.bfloat16, bias=True, ignored=0.3, seed=8)
+    n = y[..., 1:].numel()
+    small = _chunk_bytes_for(n, torch.bfloat16)
+    one = run("triton", e, c, y, b, accum_e_fp32=True, **CHUNK_OPTS)
+    chosen = []
+    real = grad_e.accumulator
+
+    def spy(*args, **kwargs):
+        chosen.append(real(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(grad_e, "accumulator", spy)
+    monkeypatch.setattr(grad_e, "MAX_RECOMPUTE", 1.0 if kind == grad_e.SCRATCH else 0.0)
+    fp32 = kind == grad_e.FP32
+    many = run("triton", e, c, y, b, chunk_bytes=small, accum_e_fp32=fp32, **CHUNK_OPTS)
+    assert [a.kind for a in chosen] == [kind]
+    if kind == grad_e.SCRATCH:  # the scratch spans more than the last chunk: dz is recomputed
+        assert grad_e.recompute_rows(n, V, c.shape[1], chosen[0].chunk) > 0
+    tru = truth(e, c, y, b, **CHUNK_OPTS)
+    err, err_one = rel_err(many[2], tru.de), rel_err(one[2], tru.de)
+    # hi/lo rounds to 16 bits in the kernel, where the interpreter truncates (1 ulp, not 1/2)
+    slack = 2.0 if kind == grad_e.HI_LO_PAIR and interpreting() else 1.1
+    assert err <= slack * err_one + 1e-4, (err, err_one)
+    assert_bitwise(many[:2] + many[3:], one[:2] + one[3:], names=("loss", "lse", "dc", "dbias"))
+
+
+def test_scratch_placement():
+    """The fp32 scratch is the 16-byte aligned tail of the [V, D] buffer; it must fit."""
+    assert grad_e.scratch_first_row(num_tokens=10, vocab=100, dim=8) == 80
+    assert grad_e.scratch_first_row(num_tokens=10, vocab=101, dim=5) == 80  # 405 -> 400 elements
+    assert grad_e.scratch_first_row(num_tokens=51, vocab=100, dim=8) == -1
+    # 5 chunks of 20 rows, scratch from row 80: only the last chunk's dz is live, none recomputed
+    assert grad_e.recompute_rows(10, 100, 8, 20) == 0
+    assert grad_e.recompute_rows(10, 100, 8, 15) == 15  # rows 75..90 recomputed, 90..100 live
 
 # ---------------------------------------------------------------------------------------------
 # 5. determinism, 6. strided inputs, 7. no tokens, 9. NaN
@@ -684,6 +753,7 @@ def test_grad_e_ready_fires_before_the_last_dc_gemm(monkeypatch, dtype):
         events.append("dC" if b3 is layout.e3 else "dE")  # dC = dz^T @ E reads the hidden states
 
     monkeypatch.setattr(module, "grad_matmul", spy)
+    monkeypatch.setattr(module.grad_e, "grad_matmul", spy)
     grad_e3 = torch.empty_like(layout.e3)
     module.backward(
         layout, grad_e3, c, None, lse=lse, g_nll=torch.full((n,), 1.0 / n), g_lse=None,
@@ -692,5 +762,7 @@ def test_grad_e_ready_fires_before_the_last_dc_gemm(monkeypatch, dtype):
         grad_e_ready=lambda: (events.append("ready"), snapshots.append(grad_e3.clone())),
     )
     assert events.count("ready") == 1 and events.count("dC") > 1
-    assert events[-2:] == ["ready", "dC"] and events[-3] == "dE"
+    ready = events.index("ready")
+    # after the last dE GEMM, before at least one dC GEMM (several when dE borrowed dC's rows)
+    assert events[ready - 1] == "dE" and set(events[ready + 1 :]) == {"dC"}
     assert torch.equal(snapshots[0], grad_e3)  # dE was final when the reduction could start

@@ -25,16 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
+from vpcce.kernels import grad_e
 from vpcce.kernels.common import (
     blocks,
     dot_precision,
+    even_d,
     logits_tile,
     plain_matrix,
     row_offsets,
     tma_descriptor,
     upcast_tiles,
 )
-from vpcce.kernels.matmul import ADD, HI_LO, STORE, grad_matmul
+from vpcce.kernels.matmul import STORE, grad_matmul
 from vpcce.layout import TokenLayout
 from vpcce.modes import BackwardMode
 
@@ -94,11 +96,21 @@ def _cce_dlogits_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT_ACC: tl.constexpr,
+    SPLIT_EVERY: tl.constexpr,
     EVEN_D: tl.constexpr,
     TMA: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Grouped order: GROUP_N token blocks walk the chunk's tiles together, so the running programs
+    # share their hidden-state rows and the chunk's classifier rows in L2 (token-block-major order
+    # re-streams all of E from HBM for every tile once N x D outgrows L2).
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(chunk_len, BLOCK_V)
+    group = pid // (GROUP_N * num_tiles)
+    first = group * GROUP_N
+    group_size = tl.minimum(tl.cdiv(N, BLOCK_N) - first, GROUP_N)
+    pid_n = first + pid % group_size
+    pid_v = (pid % (GROUP_N * num_tiles)) // group_size
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
@@ -135,6 +147,7 @@ def _cce_dlogits_kernel(
         BLOCK_V,
         BLOCK_D,
         SPLIT_ACC,
+        SPLIT_EVERY,
         EVEN_D,
         TMA,
     )
@@ -180,12 +193,6 @@ def _cublas_operand(e3: torch.Tensor, skip_filter: bool) -> torch.Tensor | None:
     return plain_matrix(e3)
 
 
-def chunk_len(num_tokens: int, vocab: int, element_size: int, tile: int, dz_bytes: int) -> int:
-    """Vocabulary rows per chunk: a multiple of ``tile`` with ``[N, chunk]`` within ``dz_bytes``."""
-    rows = dz_bytes // max(num_tokens * element_size, 1)
-    return max(tile, min(rows // tile * tile, triton.cdiv(vocab, tile) * tile))
-
-
 def backward(
     layout: TokenLayout,
     grad_e3: torch.Tensor,
@@ -223,13 +230,16 @@ def backward(
 
     cfg = blocks()
     upcast, precision = upcast_tiles(c.dtype), dot_precision(c.dtype)
-    # dE accumulates over chunks: in place when grad_e3 is fp32 (fp32 inputs, or a vocab-parallel
-    # fp32 reduction buffer), else a hi/lo 16-bit pair or, when asked, an fp32 buffer
-    hi_lo = grad_e3.dtype != torch.float32 and not mode.accum_e_fp32
-    if chunk_bytes is None:
-        residual = n * d * c.element_size() if hi_lo else 0
-        chunk_bytes = max(MIN_DZ_BYTES, DEFAULT_WORK_BYTES - residual)
-    chunk = chunk_len(n, v, c.element_size(), cfg.v, chunk_bytes)
+    acc_e = grad_e.accumulator(
+        grad_e3,
+        grad_c,
+        accum_fp32=mode.accum_e_fp32,
+        tile=cfg.v,
+        work_bytes=DEFAULT_WORK_BYTES,
+        min_dz_bytes=MIN_DZ_BYTES,
+        chunk_bytes=chunk_bytes,
+    )
+    chunk = acc_e.chunk
     token_blocks = triton.cdiv(n, cfg.n)
     dz = torch.empty((n, chunk), dtype=c.dtype, device=c.device)
     filtering = mode.filter_eps is not None
@@ -243,26 +253,15 @@ def backward(
         if bias is not None
         else None
     )
-
-    lo, acc_e = None, None
-    if grad_e3.dtype == torch.float32:
-        e_out, e_mode = grad_e3.zero_(), ADD
-    elif not hi_lo:
-        acc_e = torch.zeros((1, n, d), dtype=torch.float32, device=c.device)
-        e_out, e_mode = acc_e, ADD
-    else:
-        lo = torch.zeros((n, d), dtype=c.dtype, device=c.device)
-        e_out, e_mode = grad_e3.zero_(), HI_LO
-
     bias_arg = bias if bias is not None else c
     e_desc = tma_descriptor(plain_matrix(layout.e3), [cfg.n, cfg.d])
     c_desc = tma_descriptor(c, [cfg.v, cfg.d])
     tma = e_desc is not None and c_desc is not None
     gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.gemm_stages}
     e2d = _cublas_operand(layout.e3, skip_filter=filtering and mode.filter_c_grad)
-    for v0 in range(0, v, chunk):
-        cl = min(chunk, v - v0)
-        _cce_dlogits_kernel[(token_blocks, triton.cdiv(cl, cfg.v))](
+
+    def dlogits(v0: int, cl: int):
+        _cce_dlogits_kernel[(token_blocks * triton.cdiv(cl, cfg.v),)](
             e_desc if tma else layout.e3,
             c_desc if tma else c,
             bias_arg,
@@ -305,41 +304,52 @@ def backward(
             BLOCK_V=cfg.v,
             BLOCK_D=cfg.d,
             SPLIT_ACC=cfg.split_acc,
-            EVEN_D=d % cfg.d == 0,
+            SPLIT_EVERY=cfg.split_every,
+            EVEN_D=even_d(d, cfg),
             TMA=tma,
+            GROUP_N=cfg.group_n,
             num_warps=cfg.warps,
             num_stages=cfg.stages,
         )
-        dz_chunk = dz[:, :cl]
+
+    def class_grad(v0: int, cl: int):  # dC[chunk] = dz^T @ E from the dz in the buffer
+        if e2d is not None:
+            torch.mm(dz[:, :cl].t(), e2d, out=grad_c[v0 : v0 + cl])
+            return
         grad_matmul(
-            dz_chunk,
-            c[v0 : v0 + cl].unsqueeze(0),
-            e_out,
-            mode=e_mode,
-            lo=lo,
-            blocks=(cfg.n, cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
-            skip=skip if filtering and mode.filter_e_grad else None,
-            skip_tile=(cfg.n, cfg.v),
+            dz[:, :cl].t(),
+            layout.e3,
+            grad_c[v0 : v0 + cl].unsqueeze(0),
+            mode=STORE,
+            blocks=(min(cfg.v, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
+            skip=skip.t() if filtering and mode.filter_c_grad else None,
+            skip_tile=(cfg.v, cfg.n),
             **gemm,
         )
-        if v0 + chunk >= v:  # dE is final
-            if acc_e is not None:
-                grad_e3.copy_(acc_e.view(grad_e3.shape))
+
+    order = grad_e.chunks(v, chunk)
+    deferred = [(v0, cl) for v0, cl in order if v0 + cl > acc_e.first_deferred_row]
+    for v0, cl in order:
+        dlogits(v0, cl)
+        acc_e.add(
+            dz[:, :cl],
+            c[v0 : v0 + cl],
+            skip=skip if filtering and mode.filter_e_grad else None,
+            skip_tile=(cfg.n, cfg.v),
+            blocks=(min(cfg.n, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
+            gemm=gemm,
+        )
+        if (v0, cl) == order[-1]:  # dE is final
+            acc_e.finish(grad_e3)
             if grad_e_ready is not None:
                 grad_e_ready()
-        if e2d is not None:
-            torch.mm(dz_chunk.t(), e2d, out=grad_c[v0 : v0 + cl])
-        else:
-            grad_matmul(
-                dz_chunk.t(),
-                layout.e3,
-                grad_c[v0 : v0 + cl].unsqueeze(0),
-                mode=STORE,
-                blocks=(cfg.v, cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
-                skip=skip.t() if filtering and mode.filter_c_grad else None,
-                skip_tile=(cfg.v, cfg.n),
-                **gemm,
-            )
+        if (v0, cl) not in deferred:
+            class_grad(v0, cl)
         if dbias is not None:
             grad_bias[v0 : v0 + cl] = dbias[:, :cl].sum(dim=0)  # fixed-order reduction
+    # chunks whose dC rows held the dE scratch: the last one's dz is still in the buffer
+    for v0, cl in reversed(deferred):
+        if (v0, cl) != order[-1]:
+            dlogits(v0, cl)
+        class_grad(v0, cl)
     return grad_c, grad_bias

@@ -47,22 +47,20 @@ class Blocks:
     warps: int
     stages: int
     gemm_stages: int  # pipeline depth of the gradient GEMM (its tiles differ from the logits')
-    split_acc: bool = False  # add each K step's dot to the accumulator with an fp32 FADD
+    split_acc: bool = False  # add partial dots to the accumulator with an fp32 FADD
+    split_every: int = 1  # K steps chained on the tensor cores per fp32 FADD (with split_acc)
     flatten: bool = False  # pipeline the forward's vocab-tile and K loops as one loop
+    group_n: int = 8  # token blocks that walk a backward chunk's tiles together (L2 reuse)
     warp_specialize: bool = False  # producer/consumer warps for the forward's vocab-tile loop
 
 
-# H100, N 8192 x D 2304 x V 256000 bf16, 2026-11-25 (docs/perf.md): 128 x 128 fp32 accumulator,
-# 64-wide K steps, 4 stages: forward 24.1 ms (3 stages: 28.0). Split accumulation costs 4 ms and
-# cuts the loss error vs fp64 from 3.4e-5 to 6.9e-7: Hopper's tensor-core accumulator chain
-# truncates, biasing logits toward zero by ~58 fp32 ulps at |z| ~ 14. The interpreter's cost grows
-# with programs x loop steps, so it gets big-enough blocks for test shapes and one config.
-# The dE GEMM (dz @ C, K = chunk) runs 0.157 ms per 8192 x 2304 x 1280 chunk with 3 stages vs
-# 0.204 ms with 4 (same day, same shape).
-# Flattening the forward's tile and K loops into one pipeline: 26.6 -> 25.7 ms (round 6).
-GPU_BLOCKS = Blocks(
-    n=128,
-    v=128,
+# H100, bf16, 2026-11-25 (docs/perf.md rounds 8-9). Forward (the loss and LSE): 64 x 256 tiles,
+# 64-wide K steps, 4 stages, split accumulation: Hopper's tensor-core accumulator chain truncates,
+# biasing logits toward zero by ~58 fp32 ulps at |z| ~ 14 (loss error vs fp64 3.4e-5 chained,
+# 7e-7 split, at +4 ms on the Gemma shape). Flattening the tile and K loops: -1 ms.
+GPU_FORWARD_BLOCKS = Blocks(
+    n=64,
+    v=256,
     d=64,
     gemm_n=128,
     gemm_k=64,
@@ -72,13 +70,41 @@ GPU_BLOCKS = Blocks(
     split_acc=True,
     flatten=True,
 )
+# Backward (dlogits recompute, Triton gradient GEMMs, filter tiles): dz = p - q needs the logits
+# only to ~1e-5 relative next to its 16-bit rounding, so the chained accumulator is exact enough
+# (dE / dC errors unchanged at 2 digits) and frees the registers for 128 x 256 tiles: Gemma
+# fw+bw 82.1 -> 75.6 ms, Llama 154.8 -> 139.2 ms. Token blocks walk each chunk in groups of 8
+# (L2 reuse of E): Llama 173 -> 155 ms. Gradient GEMM (K = chunk): 3 stages.
+GPU_BLOCKS = Blocks(
+    n=128,
+    v=256,
+    d=64,
+    gemm_n=128,
+    gemm_k=64,
+    warps=8,
+    stages=3,
+    gemm_stages=3,
+    split_acc=False,
+)
+# The interpreter's cost grows with programs x loop steps: blocks big enough for test shapes.
 INTERPRETER_BLOCKS = Blocks(
     n=32, v=64, d=64, gemm_n=64, gemm_k=64, warps=4, stages=1, gemm_stages=1
 )
 
 
 def blocks() -> Blocks:
+    """Tiles of the backward kernels (dlogits recompute and gradient GEMMs)."""
     return INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS
+
+
+def forward_blocks() -> Blocks:
+    """Tiles of the fused forward."""
+    return INTERPRETER_BLOCKS if interpreting() else GPU_FORWARD_BLOCKS
+
+
+def even_d(d: int, cfg: Blocks) -> bool:
+    """True when the K loop's steps tile ``d`` exactly, so the kernels drop the ``d < D`` masks."""
+    return d % (cfg.d * (cfg.split_every if cfg.split_acc else 1)) == 0
 
 
 # Load tiles through Hopper's tensor memory accelerator (host-built descriptors) when operands
@@ -133,6 +159,38 @@ def tanh(x):
 
 
 @triton.jit
+def _dot_step(
+    e_ptr, c_ptr, e_rows, n_mask, c_rows, v_mask, D, n0, v0, d0, stride_ed, stride_cd, acc,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """``acc + e[tile, d0:d0+BLOCK_D] @ c[tile, d0:d0+BLOCK_D].T`` (one K step of `logits_tile`)."""
+    if TMA:
+        e_tile = e_ptr.load([n0, d0])
+        c_tile = tl.trans(c_ptr.load([v0, d0]))
+    else:
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = (d < D) | EVEN_D  # EVEN_D: the steps tile D exactly, the compiler drops the test
+        e_tile = tl.load(
+            e_ptr + e_rows[:, None] + d[None, :] * stride_ed,
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        c_tile = tl.load(  # [BLOCK_D, BLOCK_V]: c^T, read through strides (no copy of c)
+            c_ptr + c_rows[None, :] + d[:, None] * stride_cd,
+            mask=v_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+    if UPCAST:
+        e_tile = e_tile.to(tl.float32)
+        c_tile = c_tile.to(tl.float32)
+    return tl.dot(e_tile, c_tile, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def logits_tile(
     e_ptr,
     c_ptr,
@@ -158,6 +216,7 @@ def logits_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT_ACC: tl.constexpr,
+    SPLIT_EVERY: tl.constexpr,
     EVEN_D: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -169,34 +228,25 @@ def logits_tile(
     mask them.
     """
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    d_offs = tl.arange(0, BLOCK_D)
     c_rows = v.to(tl.int64) * stride_cv
-    for d0 in range(0, D, BLOCK_D):
-        if TMA:
-            e_tile = e_ptr.load([n0, d0])
-            c_tile = tl.trans(c_ptr.load([v0, d0]))
-        else:
-            d = d0 + d_offs
-            d_mask = (d < D) | EVEN_D  # EVEN_D: D % BLOCK_D == 0, the compiler drops the test
-            e_tile = tl.load(
-                e_ptr + e_rows[:, None] + d[None, :] * stride_ed,
-                mask=n_mask[:, None] & d_mask[None, :],
-                other=0.0,
+    if SPLIT_ACC:
+        # Hopper's tensor-core accumulator chain truncates: chain SPLIT_EVERY K steps from zero,
+        # then round the partial into the fp32 accumulator with an IEEE FADD (an fma is not folded
+        # back into the chain).
+        for d0 in range(0, D, BLOCK_D * SPLIT_EVERY):
+            part = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            for i in tl.static_range(SPLIT_EVERY):
+                part = _dot_step(
+                    e_ptr, c_ptr, e_rows, n_mask, c_rows, v_mask, D, n0, v0, d0 + i * BLOCK_D,
+                    stride_ed, stride_cd, part, UPCAST, DOT_PRECISION, BLOCK_D, EVEN_D, TMA,
+                )
+            acc = tl.fma(part, 1.0, acc)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            acc = _dot_step(
+                e_ptr, c_ptr, e_rows, n_mask, c_rows, v_mask, D, n0, v0, d0,
+                stride_ed, stride_cd, acc, UPCAST, DOT_PRECISION, BLOCK_D, EVEN_D, TMA,
             )
-            c_tile = tl.load(  # [BLOCK_D, BLOCK_V]: c^T, read through strides (no copy of c)
-                c_ptr + c_rows[None, :] + d[:, None] * stride_cd,
-                mask=v_mask[None, :] & d_mask[:, None],
-                other=0.0,
-            )
-        if UPCAST:
-            e_tile = e_tile.to(tl.float32)
-            c_tile = c_tile.to(tl.float32)
-        if SPLIT_ACC:
-            # Round each K step into the fp32 accumulator with IEEE round-to-nearest (an fma is not
-            # folded back into the tensor-core accumulator chain, whose additions truncate).
-            acc = tl.fma(tl.dot(e_tile, c_tile, input_precision=DOT_PRECISION), 1.0, acc)
-        else:
-            acc = tl.dot(e_tile, c_tile, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b = tl.load(bias_ptr + v.to(tl.int64) * stride_bias, mask=v_mask, other=0.0)
         acc += b.to(tl.float32)[None, :]

@@ -1,0 +1,269 @@
+"""Tuning round on the GPU: kernel variants A/B in one run, against the fp64 truth and cuBLAS.
+
+    python -m vpcce.launch.sweep --n 8192 --d 2304 --v 256000 --sizes 1024,32768 --profile
+
+- forward: each tile variant of `FORWARD_VARIANTS` times `forward_partials` alone and reports
+  its LSE error against the fp64 LSE;
+- backward: each variant of `BACKWARD_VARIANTS` (backward tiles, dE accumulator) times
+  forward+backward through `linear_cross_entropy` and reports loss / dE / dC errors against the
+  fp64 truth and the memory beyond inputs, dE and dC;
+- ``--sizes``: forward+backward time per token of the default at other token counts (same D, V);
+- ``--profile``: GPU time per kernel of one default forward+backward (torch.profiler).
+
+Data: LM-like peaked logits (`vpcce.launch.data.lm_like`). Markdown tables are printed last;
+``--json`` keeps every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+from triton.runtime.errors import OutOfResources
+from triton.testing import do_bench
+
+from vpcce.kernels import common, forward_partials, grad_e
+from vpcce.launch.data import lm_like
+from vpcce.launch.kernel_check import extra_memory_mb, fwd_bwd, rel, truth, vpcce_loss
+from vpcce.layout import make_layout
+from vpcce.partials import MAX, SUMEXP
+
+FWD, BWD = common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS
+# the round-8 tiles: 128 x 128, 4 stages, split accumulation (forward and backward)
+ROUND8 = replace(BWD, v=128, stages=4, split_acc=True)
+# name -> (forward tiles, vocabulary splits: None = the default heuristic)
+FORWARD_VARIANTS = {
+    "64x256 w8 s4, split (default)": (FWD, None),
+    "256x128 w16 s3, split": (replace(FWD, n=256, v=128, warps=16, stages=3), None),
+    "128x256 w16 s3, split": (replace(FWD, n=128, warps=16, stages=3), None),
+    "256x128 w8 s3, chained": (replace(FWD, n=256, v=128, stages=3, split_acc=False), None),
+    "256x128 w16 s3, chained": (
+        replace(FWD, n=256, v=128, warps=16, stages=3, split_acc=False),
+        None,
+    ),
+}
+# name -> (backward tiles, max scratch recompute fraction (0: no scratch, hi/lo), forward tiles)
+SCRATCH = grad_e.MAX_RECOMPUTE
+BACKWARD_VARIANTS = {
+    "round 8: 128x128 split tiles": (ROUND8, SCRATCH, FWD),
+    "128x256 s3 chained, group 8 (default)": (BWD, SCRATCH, FWD),
+    "256x128 s3 chained": (replace(BWD, n=256, v=128), SCRATCH, FWD),
+    "128x256 s3 chained, group 4": (replace(BWD, group_n=4), SCRATCH, FWD),
+    "128x256 s3 chained, group 16": (replace(BWD, group_n=16), SCRATCH, FWD),
+    "default + forward 256x128 w8 chained": (
+        BWD,
+        SCRATCH,
+        replace(FWD, n=256, v=128, stages=3, split_acc=False),
+    ),
+}
+
+
+@contextmanager
+def variant(forward=None, backward=None, max_recompute=None):
+    """Temporarily swap the module-level tile tables / scratch threshold the kernels read."""
+    saved = common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS, grad_e.MAX_RECOMPUTE
+    common.GPU_FORWARD_BLOCKS = forward or saved[0]
+    common.GPU_BLOCKS = backward or saved[1]
+    grad_e.MAX_RECOMPUTE = saved[2] if max_recompute is None else max_recompute
+    try:
+        yield
+    finally:
+        common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS, grad_e.MAX_RECOMPUTE = saved
+
+
+@contextmanager
+def failure_noted(rows: list, name: str):
+    """A variant that does not compile or run (e.g. out of shared memory) becomes a table row."""
+    try:
+        yield
+    except (OutOfResources, RuntimeError) as err:
+        rows.append({"variant": name, "error": f"{type(err).__name__}: {str(err)[:80]}"})
+
+
+def median_ms(fn, rep=300) -> float:
+    return do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def gemm_ms(e, c) -> float:
+    return median_ms(lambda: e @ c.T)
+
+
+def fwbw_ms(e, c, y) -> float:
+    ec = e.detach().requires_grad_(), c.detach().requires_grad_()
+    return median_ms(lambda: torch.autograd.grad(vpcce_loss(*ec, y), ec), rep=500)
+
+
+def fp64_lse(e, c, chunk=512):
+    c64 = c.double()
+    return torch.cat(
+        [torch.logsumexp(e[i : i + chunk].double() @ c64.T, dim=1) for i in range(0, len(e), chunk)]
+    )
+
+
+def sweep_forward(e, c, y) -> list[dict]:
+    layout = make_layout(e, y, 0)
+    want = fp64_lse(e, c)
+    rows = []
+    for name, (cfg, splits) in FORWARD_VARIANTS.items():
+        with variant(forward=cfg), failure_noted(rows, name):
+
+            def run(splits=splits):
+                return forward_partials(
+                    layout, c, None, vocab_start=0, logit_scale=1.0, softcap=None,
+                    num_splits=splits,
+                )
+
+            parts = run()
+            lse = parts[:, MAX].double() + parts[:, SUMEXP].double().log()
+            rows.append(
+                {
+                    "variant": name,
+                    "ms": median_ms(run),
+                    "lse_max_abs_err": (lse - want).abs().max().item(),
+                    "lse_mean_err": (lse - want).mean().item(),  # the sign shows a bias
+                }
+            )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def sweep_backward(e, c, y) -> list[dict]:
+    t_loss, t_de, t_dc = truth(e, c, y)
+    rows = []
+    for name, (cfg, max_recompute, fwd) in BACKWARD_VARIANTS.items():
+        with variant(fwd, cfg, max_recompute), failure_noted(rows, name):
+            loss, de, dc = fwd_bwd(vpcce_loss, e, c, y)
+            again = fwd_bwd(vpcce_loss, e, c, y)
+            rows.append(
+                {
+                    "variant": name,
+                    "fwbw_ms": fwbw_ms(e, c, y),
+                    "loss_err": abs(loss.double().item() - t_loss.item()) / abs(t_loss.item()),
+                    "de_err": rel(de, t_de),
+                    "dc_err": rel(dc, t_dc),
+                    "deterministic": all(
+                        torch.equal(a, b) for a, b in zip((loss, de, dc), again, strict=True)
+                    ),
+                    "extra_mb": extra_memory_mb(vpcce_loss, e, c, y),
+                }
+            )
+            del loss, de, dc, again
+        print(rows[-1], flush=True)
+    return rows
+
+
+def sweep_sizes(sizes, d, v, entropy) -> list[dict]:
+    rows = []
+    for n in sizes:
+        batch = lm_like(n, d, v, entropy=entropy, device="cuda")
+        ms = fwbw_ms(batch.e, batch.c, batch.targets)
+        gemm = gemm_ms(batch.e, batch.c)
+        rows.append({"n": n, "fwbw_ms": ms, "gemm_ms": gemm, "us_per_token": 1e3 * ms / n})
+        print(rows[-1], flush=True)
+        del batch
+        torch.cuda.empty_cache()
+    return rows
+
+
+def profile(e, c, y) -> list[dict]:
+    """GPU milliseconds per kernel name over one default forward+backward (after warm-up)."""
+    ec = e.detach().requires_grad_(), c.detach().requires_grad_()
+    torch.autograd.grad(vpcce_loss(*ec, y), ec)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        torch.autograd.grad(vpcce_loss(*ec, y), ec)
+        torch.cuda.synchronize()
+    total, calls = defaultdict(float), defaultdict(int)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            total[evt.name[:60]] += evt.device_time_total / 1e3
+            calls[evt.name[:60]] += 1
+    ranked = sorted(total, key=total.get, reverse=True)[:10]
+    return [{"kernel": k, "ms": total[k], "calls": calls[k]} for k in ranked]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=2304)
+    parser.add_argument("--v", type=int, default=256000)
+    parser.add_argument("--entropy", type=float, default=5.0)
+    parser.add_argument("--sections", default="forward,backward", help="forward,backward")
+    parser.add_argument("--sizes", default="", help="other token counts, e.g. 1024,32768")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    batch = lm_like(args.n, args.d, args.v, entropy=args.entropy, device="cuda")
+    e, c, y = batch.e, batch.c, batch.targets
+    out = {
+        "shape": [args.n, args.d, args.v],
+        "device": torch.cuda.get_device_name(),
+        "entropy": batch.mean_entropy,
+        "gemm_ms": gemm_ms(e, c),
+    }
+    sections = args.sections.split(",")
+    if "forward" in sections:
+        out["forward"] = sweep_forward(e, c, y)
+    if "backward" in sections:
+        out["backward"] = sweep_backward(e, c, y)
+    if args.profile:
+        out["profile"] = profile(e, c, y)
+    del batch, e, c, y
+    torch.cuda.empty_cache()
+    if args.sizes:
+        sizes = sorted({args.n, *(int(s) for s in args.sizes.split(","))})
+        out["sizes"] = sweep_sizes(sizes, args.d, args.v, args.entropy)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    report(out)
+
+
+def report(out: dict):
+    n, d, v = out["shape"]
+    gemm = out["gemm_ms"]
+    print(f"\n### N {n} x D {d} x V {v}, bf16, {out['device']}, H {out['entropy']:.2f} nats")
+    print(f"cuBLAS GEMM e @ c.T: {gemm:.2f} ms (4 x GEMM = {4 * gemm:.1f} ms)")
+    if "forward" in out:
+        print("\n| forward variant | ms | x GEMM | max abs LSE err | mean LSE err |")
+        print("|---|---|---|---|---|")
+        for r in out["forward"]:
+            if "error" in r:
+                print(f"| {r['variant']} | {r['error']} | | | |")
+                continue
+            print(
+                f"| {r['variant']} | {r['ms']:.2f} | {r['ms'] / gemm:.2f} | "
+                f"{r['lse_max_abs_err']:.1e} | {r['lse_mean_err']:.1e} |"
+            )
+    if "backward" in out:
+        print("\n| backward variant | fw+bw ms | x 4 GEMM | loss | dE | dC | det | MB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in out["backward"]:
+            if "error" in r:
+                print(f"| {r['variant']} | {r['error']} | | | | | | |")
+                continue
+            print(
+                f"| {r['variant']} | {r['fwbw_ms']:.1f} | {r['fwbw_ms'] / (4 * gemm):.2f} | "
+                f"{r['loss_err']:.1e} | {r['de_err']:.1e} | {r['dc_err']:.1e} | "
+                f"{r['deterministic']} | {r['extra_mb']:.1f} |"
+            )
+    if "profile" in out:
+        print("\n| kernel (one default fw+bw) | GPU ms | calls |")
+        print("|---|---|---|")
+        for r in out["profile"]:
+            print(f"| {r['kernel']} | {r['ms']:.2f} | {r['calls']} |")
+    if "sizes" in out:
+        print("\n| N | fw+bw ms | GEMM ms | us / token |")
+        print("|---|---|---|---|")
+        for r in out["sizes"]:
+            ms, us = r["fwbw_ms"], r["us_per_token"]
+            print(f"| {r['n']} | {ms:.1f} | {r['gemm_ms']:.2f} | {us:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
