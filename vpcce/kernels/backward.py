@@ -228,7 +228,7 @@ def backward(
             grad_e_ready()
         return grad_c, None if grad_bias is None else grad_bias.zero_()
 
-    cfg = blocks()
+    cfg = blocks(c.dtype)
     upcast, precision = upcast_tiles(c.dtype), dot_precision(c.dtype)
     acc_e = grad_e.accumulator(
         grad_e3,

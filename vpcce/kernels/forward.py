@@ -191,7 +191,7 @@ def forward_partials(
     del chunk_bytes
     e3, y2 = layout.e3, layout.y2
     n, (v, d) = layout.num_tokens, c.shape
-    cfg = forward_blocks()
+    cfg = forward_blocks(c.dtype)
     token_blocks = triton.cdiv(max(n, 1), cfg.n)
     vocab_tiles = triton.cdiv(v, cfg.v)
     splits = num_splits or _num_splits(token_blocks, vocab_tiles, c.device)
