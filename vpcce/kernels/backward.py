@@ -10,9 +10,11 @@ logits-sized buffer, bounded by ``chunk_bytes``):
 1. `_cce_dlogits_kernel` recomputes the chunk's logits, writes ``dz`` in the input dtype, the
    per-token-block column sums of ``dz`` (bias gradient) and, when filtering, one flag per
    ``[BLOCK_N, BLOCK_V]`` tile whose every ``|p - q|`` is below ``filter_eps``;
-2. ``dE += dz @ C[chunk]`` (hi/lo 16-bit pair, or fp32 accumulator when asked / for fp32 inputs);
+2. ``dE += dz @ C[chunk]`` into an fp32 accumulator (`vpcce.kernels.grad_e` chooses where: usually
+   dC's not-yet-written rows, through cuBLAS);
 3. ``dC[chunk] = dz^T @ E``, accumulated in fp32 registers over all tokens and written once
-   (cuBLAS when the hidden states form one plain matrix on CUDA and dC is not filtered).
+   (cuBLAS when the hidden states form one plain matrix on CUDA and dC is not filtered). Chunks
+   whose dC rows hold the dE accumulator write dC after the last chunk, recomputing their dz.
 
 Chunks run in order and every output tile has one owner: no atomics, bitwise reproducible.
 """
@@ -40,10 +42,10 @@ from vpcce.kernels.matmul import STORE, grad_matmul
 from vpcce.layout import TokenLayout
 from vpcce.modes import BackwardMode
 
-# Working memory of the backward beyond its outputs: the [N, chunk] dz buffer plus the [N, D]
-# 16-bit residual of dE share this budget, so extra memory stays under 64 MB (issue 3's bar; at
-# N 8192 x D 2304 the residual takes 36 MiB). dz never gets less than the floor: larger chunks
-# are faster (H100, 2026-11-25: 16 MiB 162.7 ms, 32 MiB 139.8 ms, 64 MiB 126.8 ms fw+bw).
+# Working memory of the backward beyond its outputs: the [N, chunk] dz buffer (plus, only when dE
+# falls back to the hi/lo pair, its [N, D] 16-bit residual), so extra memory stays under 64 MB
+# (issue 3's bar). dz never gets less than the floor: larger chunks are faster (H100, 2026-11-25:
+# 16 MiB 162.7 ms, 32 MiB 139.8 ms, 64 MiB 126.8 ms fw+bw, round-3 kernels).
 DEFAULT_WORK_BYTES = 56 * 2**20
 MIN_DZ_BYTES = 16 * 2**20
 
