@@ -128,11 +128,9 @@ def accumulator(
     b, t, d = grad_e3.shape
     n, (v, _) = b * t, grad_c.shape
     esize = grad_c.element_size()
-    if grad_e3.dtype == torch.float32:
-        chunk = chunk_len(n, v, esize, tile, chunk_bytes or work_bytes)
-        return EGradAccumulator(IN_PLACE, grad_e3.zero_(), None, chunk, v)
-
     chunk = chunk_len(n, v, esize, tile, chunk_bytes or work_bytes)
+    if grad_e3.dtype == torch.float32:
+        return EGradAccumulator(IN_PLACE, grad_e3.zero_(), None, chunk, v)
     first = scratch_first_row(n, v, d)
     if first >= 0 and MAX_RECOMPUTE > 0 and recompute_rows(n, v, d, chunk) <= MAX_RECOMPUTE * v:
         begin = (v * d - 2 * n * d) // 8 * 8  # as in `scratch_first_row`

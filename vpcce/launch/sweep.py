@@ -224,46 +224,54 @@ def main(argv=None):
     report(out)
 
 
+def table(header: list[str], rows: list[dict], cells):
+    """A markdown table: ``cells(row)`` gives a row's cells; a failed variant shows its error."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        line = [r["variant"], r["error"]] + [""] * (len(header) - 2) if "error" in r else cells(r)
+        print("| " + " | ".join(line) + " |")
+
+
 def report(out: dict):
     n, d, v = out["shape"]
     gemm = out["gemm_ms"]
     print(f"\n### N {n} x D {d} x V {v}, bf16, {out['device']}, H {out['entropy']:.2f} nats")
     print(f"cuBLAS GEMM e @ c.T: {gemm:.2f} ms (4 x GEMM = {4 * gemm:.1f} ms)")
     if "forward" in out:
-        print("\n| forward variant | ms | x GEMM | max abs LSE err | mean LSE err |")
-        print("|---|---|---|---|---|")
-        for r in out["forward"]:
-            if "error" in r:
-                print(f"| {r['variant']} | {r['error']} | | | |")
-                continue
-            print(
-                f"| {r['variant']} | {r['ms']:.2f} | {r['ms'] / gemm:.2f} | "
-                f"{r['lse_max_abs_err']:.1e} | {r['lse_mean_err']:.1e} |"
-            )
+        table(
+            ["forward variant", "ms", "x GEMM", "max abs LSE err", "mean LSE err"],
+            out["forward"],
+            lambda r: [
+                r["variant"], f"{r['ms']:.2f}", f"{r['ms'] / gemm:.2f}",
+                f"{r['lse_max_abs_err']:.1e}", f"{r['lse_mean_err']:.1e}",
+            ],
+        )
     if "backward" in out:
-        print("\n| backward variant | fw+bw ms | x 4 GEMM | loss | dE | dC | det | MB |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in out["backward"]:
-            if "error" in r:
-                print(f"| {r['variant']} | {r['error']} | | | | | | |")
-                continue
-            print(
-                f"| {r['variant']} | {r['fwbw_ms']:.1f} | {r['fwbw_ms'] / (4 * gemm):.2f} | "
-                f"{r['loss_err']:.1e} | {r['de_err']:.1e} | {r['dc_err']:.1e} | "
-                f"{r['deterministic']} | {r['extra_mb']:.1f} |"
-            )
+        table(
+            ["backward variant", "fw+bw ms", "x 4 GEMM", "loss", "dE", "dC", "det", "MB"],
+            out["backward"],
+            lambda r: [
+                r["variant"], f"{r['fwbw_ms']:.1f}", f"{r['fwbw_ms'] / (4 * gemm):.2f}",
+                f"{r['loss_err']:.1e}", f"{r['de_err']:.1e}", f"{r['dc_err']:.1e}",
+                str(r["deterministic"]), f"{r['extra_mb']:.1f}",
+            ],
+        )
     if "profile" in out:
-        print("\n| kernel (one default fw+bw) | GPU ms | calls |")
-        print("|---|---|---|")
-        for r in out["profile"]:
-            print(f"| {r['kernel']} | {r['ms']:.2f} | {r['calls']} |")
+        table(
+            ["kernel (one default fw+bw)", "GPU ms", "calls"],
+            out["profile"],
+            lambda r: [r["kernel"], f"{r['ms']:.2f}", str(r["calls"])],
+        )
     if "sizes" in out:
-        print("\n| N | fw+bw ms | GEMM ms | us / token |")
-        print("|---|---|---|---|")
-        for r in out["sizes"]:
-            ms, us = r["fwbw_ms"], r["us_per_token"]
-            print(f"| {r['n']} | {ms:.1f} | {r['gemm_ms']:.2f} | {us:.2f} |")
-
+        table(
+            ["N", "fw+bw ms", "GEMM ms", "us / token"],
+            out["sizes"],
+            lambda r: [
+                str(r["n"]), f"{r['fwbw_ms']:.1f}", f"{r['gemm_ms']:.2f}",
+                f"{r['us_per_token']:.2f}",
+            ],
+        )
 
 if __name__ == "__main__":
     main()
