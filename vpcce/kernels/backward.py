@@ -330,7 +330,7 @@ def backward(
         )
 
     order = grad_e.chunks(v, chunk)
-    deferred = [(v0, cl) for v0, cl in order if v0 + cl > acc_e.first_deferred_row]
+    deferred = grad_e.deferred(order, acc_e.first_deferred_row)
     for v0, cl in order:
         dlogits(v0, cl)
         acc_e.add(

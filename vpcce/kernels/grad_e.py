@@ -50,20 +50,29 @@ def chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
     return [(v0, min(chunk, vocab - v0)) for v0 in range(0, vocab, chunk)]
 
 
-def scratch_first_row(num_tokens: int, vocab: int, dim: int) -> int:
-    """First classifier-gradient row the fp32 scratch overlaps (negative: it does not fit).
+def _scratch_start(num_tokens: int, vocab: int, dim: int) -> int:
+    """Offset of the fp32 scratch in the flat ``[V, D]`` 16-bit buffer: its last ``2 N D``
+    elements, the start rounded down to 16 bytes (cuBLAS and fp32 views want aligned operands).
+    Negative when it does not fit."""
+    return (vocab * dim - 2 * num_tokens * dim) // 8 * 8
 
-    The scratch is the last ``2 N D`` 16-bit elements of the ``[V, D]`` buffer, its start rounded
-    down to 16 bytes (cuBLAS and fp32 views want aligned operands).
-    """
-    start = (vocab * dim - 2 * num_tokens * dim) // 8 * 8
+
+def scratch_first_row(num_tokens: int, vocab: int, dim: int) -> int:
+    """First classifier-gradient row the fp32 scratch overlaps (negative: it does not fit)."""
+    start = _scratch_start(num_tokens, vocab, dim)
     return start // dim if start >= 0 else -1
+
+
+def deferred(order: list[tuple[int, int]], first_row: int) -> list[tuple[int, int]]:
+    """The chunks of ``order`` whose dC rows reach ``first_row``: written after dE is final."""
+    return [(v0, cl) for v0, cl in order if v0 + cl > first_row]
 
 
 def recompute_rows(num_tokens: int, vocab: int, dim: int, chunk: int) -> int:
     """Vocabulary rows whose dz the scratch forces to recompute (the last chunk's dz is live)."""
+    order = chunks(vocab, chunk)
     first = scratch_first_row(num_tokens, vocab, dim)
-    return sum(cl for v0, cl in chunks(vocab, chunk)[:-1] if v0 + cl > first)
+    return sum(cl for v0, cl in deferred(order, first) if (v0, cl) != order[-1])
 
 
 @dataclass
@@ -133,7 +142,7 @@ def accumulator(
         return EGradAccumulator(IN_PLACE, grad_e3.zero_(), None, chunk, v)
     first = scratch_first_row(n, v, d)
     if first >= 0 and MAX_RECOMPUTE > 0 and recompute_rows(n, v, d, chunk) <= MAX_RECOMPUTE * v:
-        begin = (v * d - 2 * n * d) // 8 * 8  # as in `scratch_first_row`
+        begin = _scratch_start(n, v, d)
         acc = grad_c.view(-1)[begin : begin + 2 * n * d].view(torch.float32).view(1, n, d).zero_()
         return EGradAccumulator(SCRATCH, acc, None, chunk, first)
     if accum_fp32:
