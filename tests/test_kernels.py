@@ -24,6 +24,7 @@ import torch
 import triton
 from truth import bf16_baseline, objective, paired, rel_err, truth
 
+import vpcce.function as function_module
 import vpcce.kernels
 import vpcce.reference
 from vpcce import linear_cross_entropy
@@ -49,6 +50,8 @@ D_SMALL, V_SMALL = 80, 150  # cheaper: 2 d steps, 3 vocab tiles
 IGNORE = -100
 Z_LOSS = 1e-3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# the module, not the function `vpcce.kernels.backward` that the package exports under its name
+backward_module = importlib.import_module("vpcce.kernels.backward")
 # rel_err, fp32 inputs: Triton vs the reference and vs the fp64 truth (both accumulate in fp32;
 # measured <= 1.6e-7 for the loss / LSE and <= 5e-7 for the gradients)
 FP32_TOL = {"loss": 1e-6, "grad": 1e-5}
@@ -683,16 +686,21 @@ def test_filter_skipping_every_tile(dtype):
     )
 
 
-def test_filter_on_peaked_softmax_skips_some_tiles():
+def _peaked(dtype=torch.float32, v=V_SMALL):
+    """Inputs whose softmax peaks (p ~ 1) inside the first vocab tile: e close to 5 c[peak]; odd
+    tokens' targets differ from their peak, so the first tile keeps |p - q| ~ 1 while the other
+    tiles hold only small p."""
     g = torch.Generator().manual_seed(12)
-    _, c, _, _ = make_inputs(d=D_SMALL, v=V_SMALL, seed=12)
-    # e close to 5 c[peak]: the softmax peaks (p ~ 1) inside the first vocab tile; odd tokens'
-    # targets differ from their peak, so the first tile keeps |p - q| ~ 1 while the others hold
-    # only p < eps and are skipped
+    _, c, _, _ = make_inputs(d=D_SMALL, v=v, seed=12)
     peak = torch.randint(0, blocks().v, (2, 20), generator=g)
     y = peak.clone()
     y[:, 1::2] = torch.randint(0, blocks().v, (2, 10), generator=g)
     e = 5 * c[peak] + 0.1 * torch.randn(2, 20, D_SMALL, generator=g)
+    return e.to(dtype), c.to(dtype), y
+
+
+def test_filter_on_peaked_softmax_skips_some_tiles():
+    e, c, y = _peaked()
     exact = run("triton", e, c, y)
     tru = truth(e, c, y)
     skipped = run("triton", e, c, y, filter_eps=1e-3)
@@ -702,6 +710,84 @@ def test_filter_on_peaked_softmax_skips_some_tiles():
         # some tiles skipped (measured 3e-5), and only tiles of small probabilities
         assert 0 < err <= 1e-3, (name, err)
         assert rel_err(r, t) <= FP32_TOL["grad"] and rel_err(x, t) <= 1e-3
+
+
+def test_tile_bounds_bound_each_tiles_softmax():
+    """exp(bound) >= every p of the backward tile, and not by more than the bf16 rounding margin."""
+    e, c, y = _peaked(v=V)
+    layout = make_layout(e, y, 0)
+    tile_max = vpcce.kernels.tile_max_buffer(layout.num_tokens, c)
+    parts = vpcce.kernels.forward_partials(
+        layout, c, None, vocab_start=0, logit_scale=1.0, softcap=None, tile_max=tile_max
+    )
+    lse = finalize(parts, V, 0.0)[0]
+    bounds = vpcce.kernels.tile_bounds(tile_max, lse, c.dtype)
+    z = e.reshape(-1, D_SMALL).double() @ c.double().T
+    logp = z - torch.logsumexp(z, dim=1, keepdim=True)
+    bn, bv = blocks().n, blocks().v
+    padded = torch.full((bounds.shape[0] * bn, bounds.shape[1] * bv), -torch.inf, dtype=torch.float64)
+    padded[: z.shape[0], :V] = logp
+    want = padded.view(bounds.shape[0], bn, bounds.shape[1], bv).amax(dim=(1, 3))
+    margin = 2.0**-7 * z.abs().max() + 1e-5
+    assert (bounds.double() >= want - 1e-5).all() and (bounds.double() <= want + margin).all()
+
+
+def _spy_plans(monkeypatch, plans: list):
+    real = backward_module.skip_plan.plan
+
+    def spy(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(backward_module.skip_plan, "plan", spy)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_planned_skips_equal_the_compute_time_filter(dtype, monkeypatch):
+    """The forward's tile bounds drop tiles unseen; the dropped set, and so every output, is the
+    filter's (several chunks, bf16: the dE scratch and its deferred dC chunks)."""
+    e, c, y = _peaked(DTYPES[dtype], v=V)
+    opts = dict(filter_eps=1e-3, chunk_bytes=_chunk_bytes_for(y.numel(), DTYPES[dtype]))
+    plans = []
+    _spy_plans(monkeypatch, plans)
+    planned = run("triton", e, c, y, **opts)
+    assert len(plans) == 1 and 0 < plans[0].sum() < plans[0].numel()
+    monkeypatch.setattr(function_module, "uses_tile_summaries", lambda *args: False)
+    assert_bitwise(run("triton", e, c, y, **opts), planned)
+    assert len(plans) == 1  # no bounds, no plan
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sparse_dense_and_unsynchronized_chunks_agree(dtype, monkeypatch):
+    """A chunk's GEMMs skip flagged tiles (sparse) or multiply their zeros (dense; also every chunk
+    while a CUDA graph is being captured, when the plan's density cannot be read): same result."""
+    e, c, y = _peaked(DTYPES[dtype], v=V)
+    opts = dict(filter_eps=1e-3, chunk_bytes=_chunk_bytes_for(y.numel(), DTYPES[dtype]))
+    want = run("triton", e, c, y, **opts)
+    for e_max, c_max, sync in ((0.0, 0.0, True), (1.0, 0.0, True), (1.0, 1.0, False)):
+        monkeypatch.setattr(backward_module, "SPARSE_E_MAX", e_max)
+        monkeypatch.setattr(backward_module, "SPARSE_C_MAX", c_max)
+        monkeypatch.setattr(backward_module, "_may_sync", lambda device, s=sync: s)
+        assert_bitwise(run("triton", e, c, y, **opts), want)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_chunks_dropped_whole_cost_nothing(dtype, monkeypatch):
+    """A filter every tile is under: chunks without a target tile are not recomputed at all and
+    their dC rows are zeros (including those holding the dE scratch); target tiles, recomputed,
+    fall under it too."""
+    e, c, y = _peaked(DTYPES[dtype], v=V)
+    works = []
+    real = backward_module.chunk_work
+    monkeypatch.setattr(
+        backward_module, "chunk_work", lambda *a: works.extend(real(*a)) or works[-len(a[0]) :]
+    )
+    got = run(
+        "triton", e, c, y, filter_eps=SKIP_ALL_EPS,
+        chunk_bytes=_chunk_bytes_for(y.numel(), DTYPES[dtype]),
+    )  # fmt: skip
+    assert any(not w.live for w in works) and any(w.live for w in works)
+    assert (got[2] == 0).all() and (got[3] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------

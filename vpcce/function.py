@@ -3,7 +3,8 @@
 Forward, in steps: (1) sequence parallel: gather the hidden states; (2) this shard's ``[N, 6]``
 partials from the implementation; (3) vocab parallel: one all-gather of the partials, merged in
 rank order; (4) finalize loss / LSE / entropy / argmax; (5) reduce; (6) save what backward needs.
-Backward recomputes everything else from ``e``, ``c``, ``bias``, ``targets`` and the ``[N]`` LSE.
+Backward recomputes everything else from ``e``, ``c``, ``bias``, ``targets``, the ``[N]`` LSE and,
+when it may skip tiles, the ``[N / BLOCK_N, V / BLOCK_V]`` tile bounds of the forward.
 """
 
 from __future__ import annotations
@@ -52,6 +53,22 @@ class LossConfig:
         return self.vp is not None and self.vp.sequence_parallel
 
 
+def uses_tile_summaries(impl: str, mode: BackwardMode, dtype: torch.dtype, has_bias: bool) -> bool:
+    """Whether the forward keeps tile bounds for the backward to skip tiles unseen.
+
+    The Triton kernels keep them when a skipping rule applies to both gradients, there is no bias
+    (its gradient sums every tile's dz, skipped or not) and their forward and backward tiles agree
+    (`vpcce.kernels.tile_summary`); the reference never skips.
+    """
+    if impl != "triton" or has_bias or not (mode.filter_e_grad and mode.filter_c_grad):
+        return False
+    if mode.filter_eps is None:
+        return False
+    from vpcce.kernels import tile_summary
+
+    return tile_summary.supported(dtype)
+
+
 def _distributed(cfg: LossConfig) -> bool:
     return cfg.vp is not None and collectives.world_size(cfg.vp) > 1
 
@@ -86,7 +103,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         layout = make_layout(e_all, targets, cfg.shift)
         y = layout.flat_targets()
         valid = y != cfg.ignore_index
-        # 2. partials over this shard of the vocabulary
+        # 2. partials over this shard of the vocabulary (and, to skip tiles in backward, each
+        # token's largest logit per vocabulary tile)
+        summaries = uses_tile_summaries(cfg.impl, cfg.mode, c.dtype, bias is not None)
+        tile_max = cfg.backend.tile_max_buffer(layout.num_tokens, c) if summaries else None
         parts = cfg.backend.forward_partials(
             layout,
             c,
@@ -95,6 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logit_scale=cfg.logit_scale,
             softcap=cfg.softcap,
             **cfg.extra(),
+            **({} if tile_max is None else {"tile_max": tile_max}),
         )
         # 3. the one forward collective: merge all shards' partials in rank order
         if _distributed(cfg):
@@ -103,6 +124,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         lse, nll, entropy, argmax = finalize(parts, cfg.vocab_size, cfg.label_smoothing)
         nll = torch.where(valid, nll, torch.zeros_like(nll))
         count = valid.sum()
+        # the tile maxima against the global LSE: a bound per backward tile (tile_max is freed)
+        bounds = None if tile_max is None else cfg.backend.tile_bounds(tile_max, lse, c.dtype)
+        del tile_max
         # 5. reduction (an all-ignored batch: 0 / max(0, 1) = 0, never NaN)
         if cfg.reduction == "mean":
             loss = nll.sum() / count.clamp(min=1)
@@ -112,7 +136,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = nll.view(layout.out_shape)
         # 6. save
         ctx.cfg = cfg
-        ctx.save_for_backward(e, c, bias, targets, lse, valid, count)
+        ctx.save_for_backward(e, c, bias, targets, lse, valid, count, bounds)
         ctx.mark_non_differentiable(entropy, argmax)
         ctx.set_materialize_grads(False)
         shape = layout.out_shape
@@ -121,7 +145,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax):
-        e, c, bias, targets, lse, valid, count = ctx.saved_tensors
+        e, c, bias, targets, lse, valid, count, bounds = ctx.saved_tensors
         cfg: LossConfig = ctx.cfg
         need_e, need_c, need_bias = ctx.needs_input_grad[:3]
         if grad_loss is None and grad_lse is None:
@@ -167,6 +191,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             mode=cfg.mode,
             grad_e_ready=grad_e_ready if reduce else None,
             **cfg.extra(),
+            **({} if bounds is None else {"tile_bounds": bounds}),
         )
         grad_e = pending[0].wait() if reduce else grad_e_all
         return (

@@ -5,8 +5,9 @@ vocab-parallel layout collective, the CPU target-range check) and its `LossConfi
 object. Under ``torch.compile`` `linear_cross_entropy` calls one opaque op instead:
 
 - ``vpcce::linear_cross_entropy(e, c, targets, bias, <options as primitives>)`` ->
-  ``(loss, lse, entropy, argmax, valid, count)``; ``valid`` (``[N]`` bool) and ``count`` (int64
-  scalar) are what the backward needs besides the inputs and the LSE.
+  ``(loss, lse, entropy, argmax, valid, count, bounds)``; ``valid`` (``[N]`` bool), ``count``
+  (int64 scalar) and ``bounds`` (the forward's tile bounds, ``[0, 0]`` when the backward skips
+  nothing) are what the backward needs besides the inputs and the LSE.
 - ``vpcce::linear_cross_entropy_backward(...)`` -> ``(grad_e, grad_c, grad_bias)``, its registered
   backward (an empty tensor stands for a gradient that is not needed).
 
@@ -122,14 +123,41 @@ def _forward_op(
     reduce_dtype: torch.dtype,
     validate: bool,
     lse_used: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     # lse_used: whether the caller asked for the LSE (else its gradient is autograd's zeros)
     a = locals()
     cfg = _config(e, c, targets, bias, a, validate)
     ctx = _Context(cfg)
     loss, lse, entropy, argmax = _LinearCrossEntropy.forward(ctx, e, c, bias, targets, cfg)
-    *_, valid, count = ctx.saved_tensors
-    return loss, lse, entropy, argmax, valid, count
+    *_, valid, count, bounds = ctx.saved_tensors
+    return loss, lse, entropy, argmax, valid, count, _bounds_out(bounds, e)
+
+
+def _bounds_out(bounds: torch.Tensor | None, e: torch.Tensor) -> torch.Tensor:
+    """The tile bounds as an op output: ``[0, 0]`` stands for none (the backward skips nothing)."""
+    return e.new_empty((0, 0), dtype=torch.float32) if bounds is None else bounds
+
+
+def _bounds_in(bounds: torch.Tensor) -> torch.Tensor | None:
+    return None if bounds.numel() == 0 else bounds
+
+
+def _bounds_shape(e, c, targets, bias, a: dict) -> tuple[int, int]:
+    """`_bounds_out`'s shape, decided from the options as `_LinearCrossEntropy.forward` does."""
+    from vpcce.function import uses_tile_summaries
+    from vpcce.modes import BackwardMode, resolve_impl
+
+    mode = BackwardMode(
+        a["filter_eps"], a["filter_e_grad"], a["filter_c_grad"], a["accum_e_fp32"], a["accum_c_fp32"]
+    )
+    impl, mode = resolve_impl(a["impl"], e.device, mode, e.dtype)
+    if not uses_tile_summaries(impl, mode, c.dtype, bias is not None):
+        return (0, 0)
+    from vpcce.kernels.tile_summary import bounds_shape
+
+    return bounds_shape(math.prod(_out_shape(targets, a["shift"])), c.shape[0], c.dtype)
 
 
 def _out_shape(targets: torch.Tensor, shift: int) -> tuple[int, ...]:
@@ -165,7 +193,8 @@ def _forward_fake(e, c, targets, bias, *options):
     argmax = e.new_empty(shape, dtype=torch.int64)
     valid = e.new_empty((math.prod(shape),), dtype=torch.bool)
     count = e.new_empty((), dtype=torch.int64)
-    return loss, *per_token, argmax, valid, count
+    bounds = e.new_empty(_bounds_shape(e, c, targets, bias, a), dtype=torch.float32)
+    return loss, *per_token, argmax, valid, count, bounds
 
 
 @torch.library.custom_op("vpcce::linear_cross_entropy_backward", mutates_args=())
@@ -177,6 +206,7 @@ def _backward_op(
     lse: torch.Tensor,
     valid: torch.Tensor,
     count: torch.Tensor,
+    bounds: torch.Tensor,
     grad_loss: torch.Tensor | None,
     grad_lse: torch.Tensor | None,
     need_e: bool,
@@ -204,7 +234,7 @@ def _backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a = locals()
     cfg = _config(e, c, targets, bias, a, validate=False)  # the forward checked the targets
-    saved = (e, c, bias, targets, lse.reshape(-1), valid, count)
+    saved = (e, c, bias, targets, lse.reshape(-1), valid, count, _bounds_in(bounds))
     ctx = _Context(cfg, saved, (need_e, need_c, need_bias and bias is not None))
     grad_e, grad_c, grad_bias, _, _ = _LinearCrossEntropy.backward(
         ctx, grad_loss, grad_lse, None, None
@@ -215,7 +245,8 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_fake(
-    e, c, targets, bias, lse, valid, count, grad_loss, grad_lse, need_e, need_c, need_bias, *options
+    e, c, targets, bias, lse, valid, count, bounds, grad_loss, grad_lse, need_e, need_c, need_bias,
+    *options,
 ):
     need_bias = need_bias and bias is not None
     return (
@@ -227,16 +258,16 @@ def _backward_fake(
 
 def _setup_context(ctx, inputs, output):
     e, c, targets, bias, *options = inputs
-    _, lse, entropy, _, valid, count = output
-    ctx.save_for_backward(e, c, targets, bias, lse, valid, count)
+    _, lse, entropy, _, valid, count, bounds = output
+    ctx.save_for_backward(e, c, targets, bias, lse, valid, count, bounds)
     ctx.options = options[: len(_OPTION_NAMES)]  # the backward op's options (no validate, lse_used)
     ctx.lse_used = options[-1]
     ctx.num_inputs = len(inputs)
-    ctx.mark_non_differentiable(entropy)
+    ctx.mark_non_differentiable(entropy, bounds)
 
 
-def _backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax, _grad_valid, _grad_count):
-    e, c, targets, bias, lse, valid, count = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax, _grad_valid, _grad_count, _gb):
+    e, c, targets, bias, lse, valid, count, bounds = ctx.saved_tensors
     need_e, need_c, _, need_bias = ctx.needs_input_grad[:4]
     grads = torch.ops.vpcce.linear_cross_entropy_backward(
         e,
@@ -246,6 +277,7 @@ def _backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax, _grad_valid
         lse,
         valid,
         count,
+        bounds,
         grad_loss,
         grad_lse if ctx.lse_used else None,
         need_e,
@@ -295,7 +327,7 @@ def linear_cross_entropy(
     group_name = None
     if vp is not None and vp.group is not None:
         group_name = vp.group.group_name
-    loss, lse, entropy, argmax, _, _ = _forward_op(
+    loss, lse, entropy, argmax, *_ = _forward_op(
         e,
         c,
         targets,

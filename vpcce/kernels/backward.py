@@ -22,12 +22,13 @@ Chunks run in order and every output tile has one owner: no atomics, bitwise rep
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels import grad_e
+from vpcce.kernels import grad_e, skip_plan
 from vpcce.kernels.common import (
     blocks,
     dot_precision,
@@ -61,7 +62,8 @@ def _cce_dlogits_kernel(
     g_nll_ptr,  # [N] fp32 loss weight per token (0 for ignored tokens)
     g_lse_ptr,  # [N] fp32 LSE-output weight per token (unused without HAS_GLSE)
     dz_ptr,  # [N, chunk] out: dL/d(e @ c.T + bias) of this chunk, input dtype
-    skip_ptr,  # [token blocks, chunk tiles] int8 out: 1 = tile below filter_eps (FILTER only)
+    skip_ptr,  # [token blocks, chunk tiles] int8 out: 1 = tile skipped (FILTER or PLAN only)
+    plan_ptr,  # [token blocks, vocab tiles] int8: 1 = skip without recomputing (PLAN only)
     dbias_ptr,  # [token blocks, chunk] fp32 out: column sums of dz (HAS_BIAS only)
     # shapes
     N,
@@ -81,6 +83,7 @@ def _cce_dlogits_kernel(
     stride_yt,
     stride_dzn,
     stride_skn,
+    stride_pln,
     stride_dbn,
     # scalars
     logit_scale,
@@ -92,6 +95,8 @@ def _cce_dlogits_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_GLSE: tl.constexpr,
     FILTER: tl.constexpr,
+    PLAN: tl.constexpr,
+    ZERO_SKIPPED: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -121,78 +126,120 @@ def _cce_dlogits_kernel(
     e_rows = row_offsets(n, seq_len, stride_eb, stride_et)
     y = tl.load(y_ptr + row_offsets(n, seq_len, stride_yb, stride_yt), mask=n_mask, other=-1)
     y_local = y.to(tl.int64) - vocab_start
-    lse = tl.load(lse_ptr + n, mask=n_mask, other=0.0)
-    g = tl.load(g_nll_ptr + n, mask=n_mask, other=0.0)
-
-    z = logits_tile(
-        e_ptr,
-        c_ptr,
-        bias_ptr,
-        e_rows,
-        n_mask,
-        v,
-        j_mask,
-        D,
-        pid_n * BLOCK_N,
-        chunk_begin + pid_v * BLOCK_V,
-        stride_ed,
-        stride_cv,
-        stride_cd,
-        stride_bias,
-        logit_scale,
-        softcap,
-        HAS_BIAS,
-        HAS_SOFTCAP,
-        UPCAST,
-        DOT_PRECISION,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_D,
-        SPLIT_ACC,
-        SPLIT_EVERY,
-        EVEN_D,
-        TMA,
-    )
     valid = n_mask[:, None] & j_mask[None, :]
-    p = tl.exp(tl.where(valid, z - lse[:, None], float("-inf")))  # padding rows/columns: p = 0
-    q = tl.where(v[None, :] == y_local[:, None], target_weight, 0.0) + uniform_weight
-    if HAS_GLSE:
-        g_lse = tl.load(g_lse_ptr + n, mask=n_mask, other=0.0)
-        dz = (g + g_lse)[:, None] * p - g[:, None] * q
-        active = (g != 0) | (g_lse != 0)
-        size = tl.maximum(tl.abs(p - q), p)  # the LSE gradient adds p itself
+    dz_ptrs = dz_ptr + n.to(tl.int64)[:, None] * stride_dzn + j[None, :]
+    planned = False
+    if PLAN:  # the forward's tile bounds already showed this tile negligible: no recompute
+        # (plans are made without a bias only: its gradient needs every tile's dz)
+        planned = tl.load(plan_ptr + pid_n * stride_pln + chunk_begin // BLOCK_V + pid_v) != 0
+    if planned:
+        if ZERO_SKIPPED:  # a dense GEMM reads this tile
+            tl.store(dz_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dz_ptr.dtype.element_ty), mask=valid)
+        tl.store(skip_ptr + pid_n * stride_skn + pid_v, tl.full((), 1, tl.int8))
     else:
-        dz = g[:, None] * (p - q)
-        active = g != 0
-        size = tl.abs(p - q)
-    if FILTER:
-        size = tl.where(valid & active[:, None], size, 0.0)
-        small = tl.max(tl.max(size, axis=1), axis=0) < filter_eps
-        tl.store(skip_ptr + pid_n * stride_skn + pid_v, small.to(tl.int8))
-    if HAS_SOFTCAP:
-        t = z / softcap
-        dz = dz * (1.0 - t * t)  # d/dx [s tanh(x / s)] = 1 - tanh^2
-    dz = tl.where(valid, dz * logit_scale, 0.0)
-    tl.store(
-        dz_ptr + n.to(tl.int64)[:, None] * stride_dzn + j[None, :],
-        dz.to(dz_ptr.dtype.element_ty),
-        mask=valid,
-    )
-    if HAS_BIAS:
-        tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
+        lse = tl.load(lse_ptr + n, mask=n_mask, other=0.0)
+        g = tl.load(g_nll_ptr + n, mask=n_mask, other=0.0)
+
+        z = logits_tile(
+            e_ptr,
+            c_ptr,
+            bias_ptr,
+            e_rows,
+            n_mask,
+            v,
+            j_mask,
+            D,
+            pid_n * BLOCK_N,
+            chunk_begin + pid_v * BLOCK_V,
+            stride_ed,
+            stride_cv,
+            stride_cd,
+            stride_bias,
+            logit_scale,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+            SPLIT_ACC,
+            SPLIT_EVERY,
+            EVEN_D,
+            TMA,
+        )
+        p = tl.exp(tl.where(valid, z - lse[:, None], float("-inf")))  # padding rows/columns: p = 0
+        q = tl.where(v[None, :] == y_local[:, None], target_weight, 0.0) + uniform_weight
+        if HAS_GLSE:
+            g_lse = tl.load(g_lse_ptr + n, mask=n_mask, other=0.0)
+            dz = (g + g_lse)[:, None] * p - g[:, None] * q
+            active = (g != 0) | (g_lse != 0)
+            size = tl.maximum(tl.abs(p - q), p)  # the LSE gradient adds p itself
+        else:
+            dz = g[:, None] * (p - q)
+            active = g != 0
+            size = tl.abs(p - q)
+        small = tl.full((), 0, tl.int1)
+        if FILTER:
+            size = tl.where(valid & active[:, None], size, 0.0)
+            small = tl.max(tl.max(size, axis=1), axis=0) < filter_eps
+        if FILTER or PLAN:
+            tl.store(skip_ptr + pid_n * stride_skn + pid_v, small.to(tl.int8))
+        if HAS_SOFTCAP:
+            t = z / softcap
+            dz = dz * (1.0 - t * t)  # d/dx [s tanh(x / s)] = 1 - tanh^2
+        dz = tl.where(valid, dz * logit_scale, 0.0)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
+        if ZERO_SKIPPED and FILTER:  # a dense GEMM reads this tile: drop it by its zeros
+            dz = tl.where(small, 0.0, dz)
+        tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
-def _cublas_operand(e3: torch.Tensor, skip_filter: bool) -> torch.Tensor | None:
-    """``[N, D]`` view of the hidden states for cuBLAS's dC GEMM, or None to use `grad_matmul`.
+# A chunk whose plan keeps at most this fraction of its tiles takes the tile-skipping Triton GEMM
+# for that gradient; denser chunks take cuBLAS over a dz whose skipped tiles are zeros. The Triton
+# GEMM runs at ~1/1.5 (dE) and ~1/3 (dC) of cuBLAS's rate on the H100 (docs/perf.md, round 10).
+SPARSE_E_MAX = 0.6
+SPARSE_C_MAX = 0.3
 
-    ``dC[chunk] = dz^T @ E`` has no accumulation across chunks, so cuBLAS (fp32 accumulation,
-    one bf16 write, deterministic) can take it: 0.068 ms vs 0.20 ms for `grad_matmul` per
-    8192 x 2304 x 1280 chunk on the H100 (2026-11-25). Needs CUDA, no tile filter for dC, and a
-    token layout that is one plain matrix (else torch.mm would copy E).
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """What the backward runs for one vocabulary chunk."""
+
+    live: bool  # any tile is recomputed (else dz is all zeros: no kernel, dC rows zero)
+    sparse_e: bool  # dE through `grad_matmul`, skipping the flagged tiles
+    sparse_c: bool  # dC through `grad_matmul`, skipping the flagged tiles
+
+
+def _may_sync(device: torch.device) -> bool:
+    """Reading the plan's density on the host is allowed (not while capturing a CUDA graph)."""
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def chunk_work(
+    order: list[tuple[int, int]], mode: BackwardMode, plan: torch.Tensor | None, tile: int
+) -> list[ChunkWork]:
+    """Per chunk of ``order``: skip it, or which GEMMs skip tiles (`SPARSE_E_MAX`).
+
+    With a plan, one host read of its per-chunk density (outside CUDA graph capture; during
+    capture every chunk runs dense, with the same result up to summation order).
     """
-    if e3.device.type != "cuda" or skip_filter:
-        return None
-    return plain_matrix(e3)
+    if plan is None:  # compute-time filter only: its flags are known after the dlogits kernel
+        filtering = mode.filter_eps is not None
+        work = ChunkWork(True, filtering and mode.filter_e_grad, filtering and mode.filter_c_grad)
+        return [work] * len(order)
+    if not _may_sync(plan.device):
+        return [ChunkWork(True, False, False)] * len(order)
+    live_tiles = (plan == 0).sum(dim=0).tolist()  # the one host read
+    blocks_ = plan.shape[0]
+    out = []
+    for v0, cl in order:
+        tiles = live_tiles[v0 // tile : triton.cdiv(v0 + cl, tile)]
+        density = sum(tiles) / (blocks_ * len(tiles))
+        out.append(ChunkWork(density > 0, density <= SPARSE_E_MAX, density <= SPARSE_C_MAX))
+    return out
 
 
 def backward(
@@ -212,6 +259,7 @@ def backward(
     mode: BackwardMode,
     chunk_bytes: int | None = None,
     grad_e_ready: Callable[[], None] | None = None,
+    tile_bounds: torch.Tensor | None = None,
 ):
     """Write ``dL/de`` into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)`` of the shard.
 
@@ -220,6 +268,9 @@ def backward(
 
     ``chunk_bytes`` bounds the ``[N, chunk]`` dz buffer (default: what `DEFAULT_WORK_BYTES` leaves
     after the dE residual, at least `MIN_DZ_BYTES`).
+
+    ``tile_bounds`` (`vpcce.kernels.tile_summary.tile_bounds` of the forward) lets ``filter_eps``
+    skip tiles without recomputing them (`vpcce.kernels.skip_plan`).
     """
     n, (v, d) = layout.num_tokens, c.shape
     grad_c = torch.empty((v, d), dtype=c.dtype, device=c.device)
@@ -245,9 +296,23 @@ def backward(
     token_blocks = triton.cdiv(n, cfg.n)
     dz = torch.empty((n, chunk), dtype=c.dtype, device=c.device)
     filtering = mode.filter_eps is not None
+    plan = None
+    if filtering and tile_bounds is not None and bias is None:
+        if mode.filter_e_grad and mode.filter_c_grad:
+            plan = skip_plan.plan(
+                tile_bounds,
+                layout.flat_targets(),
+                vocab_start=vocab_start,
+                vocab=v,
+                block_n=cfg.n,
+                block_v=cfg.v,
+                uniform_weight=uniform_weight,
+                filter_eps=mode.filter_eps,
+            )
+    flagged = filtering or plan is not None  # the dlogits kernel writes per-tile skip flags
     skip = (
         torch.empty((token_blocks, triton.cdiv(chunk, cfg.v)), dtype=torch.int8, device=c.device)
-        if filtering
+        if flagged
         else None
     )
     dbias = (
@@ -260,9 +325,11 @@ def backward(
     c_desc = tma_descriptor(c, [cfg.v, cfg.d])
     tma = e_desc is not None and c_desc is not None
     gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.gemm_stages}
-    e2d = _cublas_operand(layout.e3, skip_filter=filtering and mode.filter_c_grad)
+    # cuBLAS takes dC when the hidden states form one plain matrix on CUDA (else torch.mm would
+    # copy E): 0.068 ms vs 0.20 ms for `grad_matmul` per 8192 x 2304 x 1280 chunk (H100)
+    e2d = plain_matrix(layout.e3) if c.device.type == "cuda" else None
 
-    def dlogits(v0: int, cl: int):
+    def dlogits(v0: int, cl: int, work: ChunkWork):
         _cce_dlogits_kernel[(token_blocks * triton.cdiv(cl, cfg.v),)](
             e_desc if tma else layout.e3,
             c_desc if tma else c,
@@ -272,7 +339,8 @@ def backward(
             g_nll,
             g_lse if g_lse is not None else lse,
             dz,
-            skip if filtering else dz,
+            skip if flagged else dz,
+            plan if plan is not None else dz,
             dbias if dbias is not None else lse,
             n,
             d,
@@ -289,7 +357,8 @@ def backward(
             layout.y2.stride(0),
             layout.y2.stride(1),
             dz.stride(0),
-            skip.stride(0) if filtering else 0,
+            skip.stride(0) if flagged else 0,
+            plan.stride(0) if plan is not None else 0,
             dbias.stride(0) if dbias is not None else 0,
             float(logit_scale),
             float(softcap or 1.0),
@@ -300,6 +369,10 @@ def backward(
             HAS_SOFTCAP=softcap is not None,
             HAS_GLSE=g_lse is not None,
             FILTER=filtering,
+            PLAN=plan is not None,
+            # a dense GEMM reads the dropped tiles (the compute-time filter alone keeps them for
+            # the gradient it may not filter)
+            ZERO_SKIPPED=plan is not None and not (work.sparse_e and work.sparse_c),
             UPCAST=upcast,
             DOT_PRECISION=precision,
             BLOCK_N=cfg.n,
@@ -314,44 +387,52 @@ def backward(
             num_stages=cfg.stages,
         )
 
-    def class_grad(v0: int, cl: int):  # dC[chunk] = dz^T @ E from the dz in the buffer
-        if e2d is not None:
+    def class_grad(v0: int, cl: int, work: ChunkWork):  # dC[chunk] = dz^T @ E from the buffer
+        if not work.live:
+            grad_c[v0 : v0 + cl].zero_()
+        elif e2d is not None and not work.sparse_c:
             torch.mm(dz[:, :cl].t(), e2d, out=grad_c[v0 : v0 + cl])
-            return
-        grad_matmul(
-            dz[:, :cl].t(),
-            layout.e3,
-            grad_c[v0 : v0 + cl].unsqueeze(0),
-            mode=STORE,
-            blocks=(min(cfg.v, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
-            skip=skip.t() if filtering and mode.filter_c_grad else None,
-            skip_tile=(cfg.v, cfg.n),
-            **gemm,
-        )
+        else:
+            grad_matmul(
+                dz[:, :cl].t(),
+                layout.e3,
+                grad_c[v0 : v0 + cl].unsqueeze(0),
+                mode=STORE,
+                blocks=(min(cfg.v, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
+                skip=skip[:, : triton.cdiv(cl, cfg.v)].t() if work.sparse_c else None,
+                skip_tile=(cfg.v, cfg.n),
+                **gemm,
+            )
 
     order = grad_e.chunks(v, chunk)
+    works = dict(zip(order, chunk_work(order, mode, plan, cfg.v), strict=True))
     deferred = grad_e.deferred(order, acc_e.first_deferred_row)
     for v0, cl in order:
-        dlogits(v0, cl)
-        acc_e.add(
-            dz[:, :cl],
-            c[v0 : v0 + cl],
-            skip=skip if filtering and mode.filter_e_grad else None,
-            skip_tile=(cfg.n, cfg.v),
-            blocks=(min(cfg.n, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
-            gemm=gemm,
-        )
+        work = works[v0, cl]
+        if work.live:
+            dlogits(v0, cl, work)
+            acc_e.add(
+                dz[:, :cl],
+                c[v0 : v0 + cl],
+                skip=skip[:, : triton.cdiv(cl, cfg.v)] if work.sparse_e else None,
+                skip_tile=(cfg.n, cfg.v),
+                blocks=(min(cfg.n, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
+                gemm=gemm,
+            )
         if (v0, cl) == order[-1]:  # dE is final
             acc_e.finish(grad_e3)
             if grad_e_ready is not None:
                 grad_e_ready()
         if (v0, cl) not in deferred:
-            class_grad(v0, cl)
-        if dbias is not None:
+            class_grad(v0, cl, work)
+        if dbias is not None and work.live:
             grad_bias[v0 : v0 + cl] = dbias[:, :cl].sum(dim=0)  # fixed-order reduction
+        elif dbias is not None:
+            grad_bias[v0 : v0 + cl] = 0
     # chunks whose dC rows held the dE scratch: the last one's dz is still in the buffer
     for v0, cl in reversed(deferred):
-        if (v0, cl) != order[-1]:
-            dlogits(v0, cl)
-        class_grad(v0, cl)
+        work = works[v0, cl]
+        if (v0, cl) != order[-1] and work.live:
+            dlogits(v0, cl, work)
+        class_grad(v0, cl, work)
     return grad_c, grad_bias

@@ -43,6 +43,7 @@ def _cce_fwd_kernel(
     y_ptr,  # [B, T'] int targets, global ids (strided view)
     part_ptr,  # [S, N, 6] fp32, out: partials per split
     part_int_ptr,  # the same memory as int32, out: the ARGMAX column's bits
+    tile_max_ptr,  # [N, vocab tiles] bf16, out: each token's max logit per tile (SUMMARY only)
     # shapes
     N,
     V,
@@ -60,6 +61,7 @@ def _cce_fwd_kernel(
     stride_yb,
     stride_yt,
     stride_ps,
+    stride_tmn,
     # scalars
     logit_scale,
     softcap,
@@ -76,6 +78,7 @@ def _cce_fwd_kernel(
     TMA: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    SUMMARY: tl.constexpr,
 ):
     # token blocks vary fastest: the running programs read each classifier tile at about one time
     # (splits-fastest order measured 3 ms slower on the Llama shape, round 9)
@@ -131,6 +134,12 @@ def _cce_fwd_kernel(
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
+        if SUMMARY:  # the backward bounds each tile's softmax from it (`tile_summary`)
+            tl.store(
+                tile_max_ptr + n.to(tl.int64) * stride_tmn + t,
+                tile_max.to(tile_max_ptr.dtype.element_ty),
+                mask=n_mask,
+            )
         # NaN ranks highest, as in torch.argmax; the interpreter's argmax raises on all-NaN rows
         tile_arg = tl.argmax(tl.where(z != z, float("inf"), z), axis=1).to(tl.int32) + t * BLOCK_V
         arg = tl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
@@ -181,8 +190,12 @@ def forward_partials(
     softcap: float | None,
     num_splits: int | None = None,
     chunk_bytes: int | None = None,
+    tile_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[N, 6] fp32 partials of the shard ``c`` (global ids ``vocab_start + i``).
+
+    ``tile_max`` (from `vpcce.kernels.tile_summary.tile_max_buffer`), if given, receives each
+    token's largest logit of every vocabulary tile.
 
     ``num_splits`` (default: enough programs to fill the GPU) only changes the work split, not the
     result beyond fp32 rounding of the merge. ``chunk_bytes`` is accepted for parity with the
@@ -210,6 +223,7 @@ def forward_partials(
         y2,
         parts,
         parts.view(torch.int32),
+        tile_max if tile_max is not None else parts,
         n,
         v,
         d,
@@ -225,6 +239,7 @@ def forward_partials(
         y2.stride(0),
         y2.stride(1),
         parts.stride(0),
+        tile_max.stride(0) if tile_max is not None else 0,
         float(logit_scale),
         float(softcap or 1.0),
         HAS_BIAS=bias is not None,
@@ -240,6 +255,7 @@ def forward_partials(
         TMA=tma,
         FLATTEN=cfg.flatten,
         WARP_SPECIALIZE=cfg.warp_specialize,
+        SUMMARY=tile_max is not None,
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )

@@ -131,6 +131,21 @@ def _vpcce_default(s: Setting) -> LossFn:
     return loss
 
 
+@_register(
+    "vpcce_filtered",
+    "vpcce's opt-in fast mode: apple's tile filter filter_eps=2**-12, tiles dropped unseen",
+)
+def _vpcce_filtered(s: Setting) -> LossFn:
+    impl, opts = s.vpcce_impl, _vpcce_options(s)
+
+    def loss(e, c, y):
+        return linear_cross_entropy(
+            e, c, y, impl=impl, filter_eps=2.0**-12, vocab_parallel_options=opts
+        )
+
+    return loss
+
+
 @_register("eager", "eager baseline F.cross_entropy((e @ c.T).float(), y)")
 def _eager(s: Setting) -> LossFn:
     _not_vocab_parallel(s, "the eager baseline")

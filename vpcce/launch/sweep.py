@@ -7,6 +7,10 @@
 - backward: each variant of `BACKWARD_VARIANTS` (backward tiles, dE accumulator) times
   forward+backward through `linear_cross_entropy` and reports loss / dE / dC errors against the
   fp64 truth and the memory beyond inputs, dE and dC;
+- filter (``--sections filter``): each `FILTER_VARIANTS` entry (exact, apple's tile filter
+  with or without the forward's tile bounds, the chunk GEMM dispatch) with its errors and the
+  fraction of tiles dropped without recompute; ``--sort-vocab`` numbers the vocabulary by
+  frequency;
 - ``--sizes``: forward+backward time per token of the default at other token counts (same D, V);
 - ``--profile``: GPU time per kernel of one default forward+backward (torch.profiler).
 
@@ -17,6 +21,7 @@ Data: LM-like peaked logits (`vpcce.launch.data.lm_like`). Markdown tables are p
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from collections import defaultdict
 from contextlib import contextmanager
@@ -26,12 +31,15 @@ import torch
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
+import vpcce.function as function_module
 from vpcce.kernels import common, forward_partials, grad_e
 from vpcce.launch.data import lm_like
 from vpcce.launch.kernel_check import extra_memory_mb, fwd_bwd, rel, truth, vpcce_loss
 from vpcce.layout import make_layout
 from vpcce.partials import MAX, SUMEXP
 
+# the module (the package exports the function `backward` under the same name)
+bwd_module = importlib.import_module("vpcce.kernels.backward")
 FWD, BWD = common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS
 # the round-8 tiles: 128 x 128, 4 stages, split accumulation (forward and backward)
 ROUND8 = replace(BWD, v=128, stages=4, split_acc=True)
@@ -59,6 +67,18 @@ BACKWARD_VARIANTS = {
         SCRATCH,
         replace(FWD, n=256, v=128, stages=3, split_acc=False),
     ),
+}
+
+
+# name -> (linear_cross_entropy options, (SPARSE_E_MAX, SPARSE_C_MAX) or None: the defaults,
+# tile summaries on)
+FILTER_VARIANTS = {
+    "exact (filter_eps=None)": ({"filter_eps": None}, None, True),
+    "2^-12, planned (default)": ({"filter_eps": 2.0**-12}, None, True),
+    "2^-12, planned, dense GEMMs": ({"filter_eps": 2.0**-12}, (0.0, 0.0), True),
+    "2^-12, planned, sparse GEMMs": ({"filter_eps": 2.0**-12}, (1.0, 1.0), True),
+    "2^-12, compute-time filter only": ({"filter_eps": 2.0**-12}, None, False),
+    "1e-5, planned": ({"filter_eps": 1e-5}, None, True),
 }
 
 
@@ -92,9 +112,9 @@ def gemm_ms(e, c) -> float:
     return median_ms(lambda: e @ c.T)
 
 
-def fwbw_ms(e, c, y) -> float:
+def fwbw_ms(e, c, y, **kw) -> float:
     ec = e.detach().requires_grad_(), c.detach().requires_grad_()
-    return median_ms(lambda: torch.autograd.grad(vpcce_loss(*ec, y), ec), rep=500)
+    return median_ms(lambda: torch.autograd.grad(vpcce_loss(*ec, y, **kw), ec), rep=500)
 
 
 def fp64_lse(e, c, chunk=512):
@@ -156,6 +176,56 @@ def sweep_backward(e, c, y) -> list[dict]:
     return rows
 
 
+@contextmanager
+def filter_variant(sparse_max, summaries: bool, plans: list):
+    """Swap the chunk dispatch thresholds / turn the tile summaries off; record the plans."""
+    saved = bwd_module.SPARSE_E_MAX, bwd_module.SPARSE_C_MAX, bwd_module.skip_plan.plan
+    saved_uses = function_module.uses_tile_summaries
+    if sparse_max is not None:
+        bwd_module.SPARSE_E_MAX, bwd_module.SPARSE_C_MAX = sparse_max
+
+    def plan(*args, **kwargs):
+        plans.append(saved[2](*args, **kwargs))
+        return plans[-1]
+
+    bwd_module.skip_plan.plan = plan
+    if not summaries:
+        function_module.uses_tile_summaries = lambda *args: False
+    try:
+        yield
+    finally:
+        bwd_module.SPARSE_E_MAX, bwd_module.SPARSE_C_MAX, bwd_module.skip_plan.plan = saved
+        function_module.uses_tile_summaries = saved_uses
+
+
+def sweep_filter(e, c, y) -> list[dict]:
+    """Each `FILTER_VARIANTS` entry: time, errors against the fp64 truth, tiles dropped unseen."""
+    t_loss, t_de, t_dc = truth(e, c, y)
+    rows = []
+    for name, (kw, sparse_max, summaries) in FILTER_VARIANTS.items():
+        plans = []
+        with filter_variant(sparse_max, summaries, plans), failure_noted(rows, name):
+            loss, de, dc = fwd_bwd(vpcce_loss, e, c, y, **kw)
+            again = fwd_bwd(vpcce_loss, e, c, y, **kw)
+            rows.append(
+                {
+                    "variant": name,
+                    "fwbw_ms": fwbw_ms(e, c, y, **kw),
+                    "loss_err": abs(loss.double().item() - t_loss.item()) / abs(t_loss.item()),
+                    "de_err": rel(de, t_de),
+                    "dc_err": rel(dc, t_dc),
+                    "deterministic": all(
+                        torch.equal(a, b) for a, b in zip((loss, de, dc), again, strict=True)
+                    ),
+                    "extra_mb": extra_memory_mb(vpcce_loss, e, c, y, **kw),
+                    "planned_skip": plans[0].float().mean().item() if plans else 0.0,
+                }
+            )
+            del loss, de, dc, again
+        print(rows[-1], flush=True)
+    return rows
+
+
 def sweep_sizes(sizes, d, v, entropy) -> list[dict]:
     rows = []
     for n in sizes:
@@ -193,17 +263,23 @@ def main(argv=None):
     parser.add_argument("--d", type=int, default=2304)
     parser.add_argument("--v", type=int, default=256000)
     parser.add_argument("--entropy", type=float, default=5.0)
-    parser.add_argument("--sections", default="forward,backward", help="forward,backward")
+    parser.add_argument("--sort-vocab", action="store_true", help="vocabulary numbered by frequency")
+    parser.add_argument(
+        "--sections", default="forward,backward", help="forward,backward,filter (or none)"
+    )
     parser.add_argument("--sizes", default="", help="other token counts, e.g. 1024,32768")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    batch = lm_like(args.n, args.d, args.v, entropy=args.entropy, device="cuda")
+    batch = lm_like(
+        args.n, args.d, args.v, entropy=args.entropy, device="cuda", sort_vocab=args.sort_vocab
+    )
     e, c, y = batch.e, batch.c, batch.targets
     out = {
         "shape": [args.n, args.d, args.v],
         "device": torch.cuda.get_device_name(),
         "entropy": batch.mean_entropy,
+        "sort_vocab": args.sort_vocab,
         "gemm_ms": gemm_ms(e, c),
     }
     sections = args.sections.split(",")
@@ -211,6 +287,8 @@ def main(argv=None):
         out["forward"] = sweep_forward(e, c, y)
     if "backward" in sections:
         out["backward"] = sweep_backward(e, c, y)
+    if "filter" in sections:
+        out["filter"] = sweep_filter(e, c, y)
     if args.profile:
         out["profile"] = profile(e, c, y)
     del batch, e, c, y
@@ -236,7 +314,8 @@ def table(header: list[str], rows: list[dict], cells):
 def report(out: dict):
     n, d, v = out["shape"]
     gemm = out["gemm_ms"]
-    print(f"\n### N {n} x D {d} x V {v}, bf16, {out['device']}, H {out['entropy']:.2f} nats")
+    sort = ", vocabulary sorted" if out.get("sort_vocab") else ""
+    print(f"\n### N {n} x D {d} x V {v}, bf16, {out['device']}, H {out['entropy']:.2f} nats{sort}")
     print(f"cuBLAS GEMM e @ c.T: {gemm:.2f} ms (4 x GEMM = {4 * gemm:.1f} ms)")
     if "forward" in out:
         table(
@@ -255,6 +334,16 @@ def report(out: dict):
                 r["variant"], f"{r['fwbw_ms']:.1f}", f"{r['fwbw_ms'] / (4 * gemm):.2f}",
                 f"{r['loss_err']:.1e}", f"{r['de_err']:.1e}", f"{r['dc_err']:.1e}",
                 str(r["deterministic"]), f"{r['extra_mb']:.1f}",
+            ],
+        )
+    if "filter" in out:
+        table(
+            ["filter variant", "fw+bw ms", "x 4 GEMM", "loss", "dE", "dC", "det", "MB", "unseen"],
+            out["filter"],
+            lambda r: [
+                r["variant"], f"{r['fwbw_ms']:.1f}", f"{r['fwbw_ms'] / (4 * gemm):.2f}",
+                f"{r['loss_err']:.1e}", f"{r['de_err']:.1e}", f"{r['dc_err']:.1e}",
+                str(r["deterministic"]), f"{r['extra_mb']:.1f}", f"{r['planned_skip']:.2f}",
             ],
         )
     if "profile" in out:
