@@ -725,7 +725,9 @@ def test_tile_bounds_bound_each_tiles_softmax():
     z = e.reshape(-1, D_SMALL).double() @ c.double().T
     logp = z - torch.logsumexp(z, dim=1, keepdim=True)
     bn, bv = blocks().n, blocks().v
-    padded = torch.full((bounds.shape[0] * bn, bounds.shape[1] * bv), -torch.inf, dtype=torch.float64)
+    padded = torch.full(
+        (bounds.shape[0] * bn, bounds.shape[1] * bv), -torch.inf, dtype=torch.float64
+    )
     padded[: z.shape[0], :V] = logp
     want = padded.view(bounds.shape[0], bn, bounds.shape[1], bv).amax(dim=(1, 3))
     margin = 2.0**-7 * z.abs().max() + 1e-5

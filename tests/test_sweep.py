@@ -39,3 +39,32 @@ def test_failed_variant_becomes_a_row(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "| fine | 2.00 | 2.00 | 1.0e-06 | -1.0e-07 |" in lines
     assert any(line.startswith("| too big | OutOfResources") for line in lines)
+
+
+def test_filter_variant_swaps_dispatch_and_summaries_and_records_plans(capsys):
+    import torch
+
+    import vpcce.function as function_module
+
+    bwd = sweep.bwd_module
+    uses = function_module.uses_tile_summaries
+    saved = bwd.SPARSE_E_MAX, bwd.SPARSE_C_MAX, bwd.skip_plan.plan, uses
+    plans = []
+    with sweep.filter_variant((1.0, 0.5), False, plans):
+        assert (bwd.SPARSE_E_MAX, bwd.SPARSE_C_MAX) == (1.0, 0.5)
+        assert function_module.uses_tile_summaries("triton", None, None, False, 1, 1) is False
+        bounds = torch.tensor([[-20.0, 0.0]])
+        got = bwd.skip_plan.plan(
+            bounds, torch.tensor([300]), vocab_start=0, vocab=512, block_n=128, block_v=256,
+            uniform_weight=0.0, filter_eps=1e-3,
+        )  # fmt: skip
+    assert torch.equal(got, torch.tensor([[1, 0]], dtype=torch.int8)) and plans == [got]
+    assert (bwd.SPARSE_E_MAX, bwd.SPARSE_C_MAX, bwd.skip_plan.plan) == saved[:3]
+    assert function_module.uses_tile_summaries is saved[3]
+    row = {"variant": "2^-12", "fwbw_ms": 40.0, "loss_err": 1e-6, "de_err": 0.4, "dc_err": 5e-3,
+           "deterministic": True, "extra_mb": 58.0, "planned_skip": 0.84}  # fmt: skip
+    sweep.report({"shape": [8, 4, 16], "device": "cpu", "entropy": 5.0, "gemm_ms": 10.0,
+                  "sort_vocab": True, "filter": [row]})  # fmt: skip
+    out = capsys.readouterr().out
+    assert "vocabulary sorted" in out
+    assert "| 2^-12 | 40.0 | 1.00 | 1.0e-06 | 4.0e-01 | 5.0e-03 | True | 58.0 | 0.84 |" in out

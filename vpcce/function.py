@@ -53,7 +53,9 @@ class LossConfig:
         return self.vp is not None and self.vp.sequence_parallel
 
 
-def uses_tile_summaries(impl: str, mode: BackwardMode, dtype: torch.dtype, has_bias: bool) -> bool:
+def uses_tile_summaries(
+    impl: str, mode: BackwardMode, dtype: torch.dtype, has_bias: bool, num_tokens: int, vocab: int
+) -> bool:
     """Whether the forward keeps tile bounds for the backward to skip tiles unseen.
 
     The Triton kernels keep them when a skipping rule applies to both gradients, there is no bias
@@ -66,7 +68,7 @@ def uses_tile_summaries(impl: str, mode: BackwardMode, dtype: torch.dtype, has_b
         return False
     from vpcce.kernels import tile_summary
 
-    return tile_summary.supported(dtype)
+    return tile_summary.supported(dtype, num_tokens, vocab)
 
 
 def _distributed(cfg: LossConfig) -> bool:
@@ -105,7 +107,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = y != cfg.ignore_index
         # 2. partials over this shard of the vocabulary (and, to skip tiles in backward, each
         # token's largest logit per vocabulary tile)
-        summaries = uses_tile_summaries(cfg.impl, cfg.mode, c.dtype, bias is not None)
+        summaries = uses_tile_summaries(
+            cfg.impl, cfg.mode, c.dtype, bias is not None, layout.num_tokens, c.shape[0]
+        )
         tile_max = cfg.backend.tile_max_buffer(layout.num_tokens, c) if summaries else None
         parts = cfg.backend.forward_partials(
             layout,

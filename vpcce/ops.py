@@ -149,15 +149,15 @@ def _bounds_shape(e, c, targets, bias, a: dict) -> tuple[int, int]:
     from vpcce.function import uses_tile_summaries
     from vpcce.modes import BackwardMode, resolve_impl
 
-    mode = BackwardMode(
-        a["filter_eps"], a["filter_e_grad"], a["filter_c_grad"], a["accum_e_fp32"], a["accum_c_fp32"]
-    )
+    flags = (a[k] for k in ("filter_e_grad", "filter_c_grad", "accum_e_fp32", "accum_c_fp32"))
+    mode = BackwardMode(a["filter_eps"], *flags)
     impl, mode = resolve_impl(a["impl"], e.device, mode, e.dtype)
-    if not uses_tile_summaries(impl, mode, c.dtype, bias is not None):
+    n = math.prod(_out_shape(targets, a["shift"]))
+    if not uses_tile_summaries(impl, mode, c.dtype, bias is not None, n, c.shape[0]):
         return (0, 0)
     from vpcce.kernels.tile_summary import bounds_shape
 
-    return bounds_shape(math.prod(_out_shape(targets, a["shift"])), c.shape[0], c.dtype)
+    return bounds_shape(n, c.shape[0], c.dtype)
 
 
 def _out_shape(targets: torch.Tensor, shift: int) -> tuple[int, ...]:

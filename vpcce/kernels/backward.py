@@ -198,10 +198,12 @@ def _cce_dlogits_kernel(
 
 
 # A chunk whose plan keeps at most this fraction of its tiles takes the tile-skipping Triton GEMM
-# for that gradient; denser chunks take cuBLAS over a dz whose skipped tiles are zeros. The Triton
-# GEMM runs at ~1/1.5 (dE) and ~1/3 (dC) of cuBLAS's rate on the H100 (docs/perf.md, round 10).
-SPARSE_E_MAX = 0.6
-SPARSE_C_MAX = 0.3
+# for that gradient; denser chunks take cuBLAS over a dz whose skipped tiles are zeros. H100,
+# 2^-12 filter (docs/perf.md, round 10): all-sparse / all-dense / thresholds 0.6 and 0.3 took
+# 55 / 59 / 46 ms at Gemma 1 nat (sorted vocabulary, 94% of tiles dropped) but 145 / 117 / 135 ms
+# at Llama 5 nats (70% dropped): the Triton GEMM only pays off on nearly empty chunks.
+SPARSE_E_MAX = 0.2
+SPARSE_C_MAX = 0.1
 
 
 @dataclass(frozen=True)
@@ -297,18 +299,19 @@ def backward(
     dz = torch.empty((n, chunk), dtype=c.dtype, device=c.device)
     filtering = mode.filter_eps is not None
     plan = None
-    if filtering and tile_bounds is not None and bias is None:
-        if mode.filter_e_grad and mode.filter_c_grad:
-            plan = skip_plan.plan(
-                tile_bounds,
-                layout.flat_targets(),
-                vocab_start=vocab_start,
-                vocab=v,
-                block_n=cfg.n,
-                block_v=cfg.v,
-                uniform_weight=uniform_weight,
-                filter_eps=mode.filter_eps,
-            )
+    # a plan needs the forward's bounds, and both gradients (and no bias gradient) free to drop
+    plannable = bias is None and mode.filter_e_grad and mode.filter_c_grad
+    if filtering and tile_bounds is not None and plannable:
+        plan = skip_plan.plan(
+            tile_bounds,
+            layout.flat_targets(),
+            vocab_start=vocab_start,
+            vocab=v,
+            block_n=cfg.n,
+            block_v=cfg.v,
+            uniform_weight=uniform_weight,
+            filter_eps=mode.filter_eps,
+        )
     flagged = filtering or plan is not None  # the dlogits kernel writes per-tile skip flags
     skip = (
         torch.empty((token_blocks, triton.cdiv(chunk, cfg.v)), dtype=torch.int8, device=c.device)

@@ -43,7 +43,7 @@ def _cce_fwd_kernel(
     y_ptr,  # [B, T'] int targets, global ids (strided view)
     part_ptr,  # [S, N, 6] fp32, out: partials per split
     part_int_ptr,  # the same memory as int32, out: the ARGMAX column's bits
-    tile_max_ptr,  # [N, vocab tiles] bf16, out: each token's max logit per tile (SUMMARY only)
+    tile_max_ptr,  # [vocab tiles, N] bf16, out: each token's max logit per tile (SUMMARY only)
     # shapes
     N,
     V,
@@ -61,7 +61,7 @@ def _cce_fwd_kernel(
     stride_yb,
     stride_yt,
     stride_ps,
-    stride_tmn,
+    stride_tmt,
     # scalars
     logit_scale,
     softcap,
@@ -136,7 +136,7 @@ def _cce_fwd_kernel(
         tile_max = tl.max(z, axis=1)
         if SUMMARY:  # the backward bounds each tile's softmax from it (`tile_summary`)
             tl.store(
-                tile_max_ptr + n.to(tl.int64) * stride_tmn + t,
+                tile_max_ptr + t * stride_tmt + n,  # a tile's tokens: one row (int32 offsets)
                 tile_max.to(tile_max_ptr.dtype.element_ty),
                 mask=n_mask,
             )

@@ -1,7 +1,8 @@
 """Tile summaries: what the forward leaves so the backward can bound each tile's softmax unseen.
 
 The forward already computes every token's largest logit of every vocabulary tile; it stores them
-(``[N, vocab tiles]`` bf16, transient). Once the global log-sum-exp is known, `tile_bounds`
+(``[vocab tiles, N]`` bf16, transient; tile-major, so each forward program's store is one
+contiguous row segment). Once the global log-sum-exp is known, `tile_bounds`
 reduces them to one number per backward tile (``[token blocks, vocab tiles]`` fp32, kept for
 backward):
 
@@ -27,17 +28,17 @@ SUMMARY_DTYPE = torch.bfloat16
 _ROUNDING_MARGIN = 2.0**-7  # relative: bf16 keeps 8 significant bits
 
 
-def supported(dtype: torch.dtype) -> bool:
-    """True when the forward's vocabulary tiles are the backward's for ``dtype`` inputs."""
-    return forward_blocks(dtype).v == blocks(dtype).v
+def supported(dtype: torch.dtype, num_tokens: int, vocab: int) -> bool:
+    """True when the forward's vocabulary tiles are the backward's for ``dtype`` inputs and the
+    summary's elements fit the kernels' int32 offsets."""
+    cfg = blocks(dtype)
+    return forward_blocks(dtype).v == cfg.v and triton.cdiv(vocab, cfg.v) * num_tokens < 2**31
 
 
-def tile_max_buffer(num_tokens: int, c: torch.Tensor) -> torch.Tensor | None:
-    """The forward's ``[N, vocab tiles]`` output for shard ``c``, or None when not `supported`."""
-    if not supported(c.dtype):
-        return None
+def tile_max_buffer(num_tokens: int, c: torch.Tensor) -> torch.Tensor:
+    """The forward's ``[vocab tiles, N]`` output for shard ``c`` (when `supported`)."""
     tiles = triton.cdiv(c.shape[0], blocks(c.dtype).v)
-    return torch.empty((num_tokens, tiles), dtype=SUMMARY_DTYPE, device=c.device)
+    return torch.empty((tiles, num_tokens), dtype=SUMMARY_DTYPE, device=c.device)
 
 
 def bounds_shape(num_tokens: int, vocab: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -48,12 +49,12 @@ def bounds_shape(num_tokens: int, vocab: int, dtype: torch.dtype) -> tuple[int, 
 
 @triton.jit
 def _tile_bounds_kernel(
-    tile_max_ptr,  # [N, T] bf16
+    tile_max_ptr,  # [T, N] bf16
     lse_ptr,  # [N] fp32
     out_ptr,  # [cdiv(N, BLOCK_N), T] fp32
     N,
     T,
-    stride_tmn,
+    stride_tmt,
     stride_on,
     margin,
     BLOCK_N: tl.constexpr,
@@ -66,7 +67,7 @@ def _tile_bounds_kernel(
     n_mask = n < N
     mask = n_mask[:, None] & t_mask[None, :]
     x = tl.load(
-        tile_max_ptr + n.to(tl.int64)[:, None] * stride_tmn + t[None, :], mask=mask, other=0.0
+        tile_max_ptr + t.to(tl.int64)[None, :] * stride_tmt + n[:, None], mask=mask, other=0.0
     ).to(tl.float32)
     lse = tl.load(lse_ptr + n, mask=n_mask, other=0.0)
     finite = tl.abs(x) < float("inf")
@@ -79,7 +80,7 @@ def _tile_bounds_kernel(
 def tile_bounds(tile_max: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[token blocks, vocab tiles]`` fp32 log upper bounds of the softmax of each backward tile
     (``dtype``: the inputs' dtype, which picks the backward's tiles)."""
-    n, tiles = tile_max.shape
+    tiles, n = tile_max.shape
     block_n = blocks(dtype).n
     out = torch.empty((triton.cdiv(n, block_n), tiles), dtype=torch.float32, device=lse.device)
     if out.numel() == 0:

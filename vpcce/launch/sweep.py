@@ -263,7 +263,9 @@ def main(argv=None):
     parser.add_argument("--d", type=int, default=2304)
     parser.add_argument("--v", type=int, default=256000)
     parser.add_argument("--entropy", type=float, default=5.0)
-    parser.add_argument("--sort-vocab", action="store_true", help="vocabulary numbered by frequency")
+    parser.add_argument(
+        "--sort-vocab", action="store_true", help="vocabulary numbered by frequency"
+    )
     parser.add_argument(
         "--sections", default="forward,backward", help="forward,backward,filter (or none)"
     )
