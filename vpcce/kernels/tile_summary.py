@@ -6,7 +6,7 @@ contiguous row segment). Once the global log-sum-exp is known, `tile_bounds`
 reduces them to one number per backward tile (``[token blocks, vocab tiles]`` fp32, kept for
 backward):
 
-    bound[b, t] = max over tokens n of block b of (upper(tile_max[n, t]) - lse[n])  >=  log max p
+    bound[b, t] = max over tokens n of block b of (upper(tile_max[t, n]) - lse[n])  >=  log max p
 
 so ``exp(bound)`` bounds every softmax entry of that ``[BLOCK_N, BLOCK_V]`` tile, and the backward
 decides which tiles to skip (`vpcce.kernels.skip_plan`) without recomputing them. ``upper`` adds
