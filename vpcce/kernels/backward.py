@@ -192,7 +192,7 @@ def _cce_dlogits_kernel(
         dz = tl.where(valid, dz * logit_scale, 0.0)
         if HAS_BIAS:
             tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
-        if ZERO_SKIPPED and FILTER:  # a dense GEMM reads this tile: drop it by its zeros
+        if ZERO_SKIPPED:  # a dense GEMM reads this tile: drop it by its zeros (plans filter)
             dz = tl.where(small, 0.0, dz)
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
