@@ -90,16 +90,6 @@ def test_overrides_triton_interpreter_and_unavailable_methods(tmp_path, capsys):
     assert (tmp_path / "tri.png").exists()
 
 
-def _teardown_abort(proc, report_path) -> bool:
-    """The run finished its report, then a rank died of ``std::terminate`` while exiting."""
-    output = proc.stdout + proc.stderr
-    return (
-        "terminate called without an active exception" in output
-        and report_path.exists()
-        and json.loads(report_path.read_text()).get("complete") is True
-    )
-
-
 def test_two_gloo_ranks_vocab_parallel(tmp_path):
     """Under torchrun the classifier is split: vpcce runs vocab-parallel, eager is skipped."""
     args = [
@@ -113,12 +103,9 @@ def test_two_gloo_ranks_vocab_parallel(tmp_path):
         "rep=1",
         "methods=[vpcce_exact,eager]",
     ]
+    # the CPU memory meter sees vpcce's collectives: the ranks leave through
+    # `memory.exit_process` (a gloo group pinned by the meter aborted 2 CI runs at interpreter exit)
     proc = run_torchrun("vpcce.launch.bench", *args)
-    if proc.returncode != 0 and _teardown_abort(proc, tmp_path / "cpu_tiny.json"):
-        # Open issue (2 of ~10 runs under pytest-xdist on the 2-core CI machine, never in 39 runs
-        # outside pytest): a rank aborts in gloo's teardown after the whole report was written.
-        # Only that exact signature is retried, once; the retry must pass every check below.
-        proc = run_torchrun("vpcce.launch.bench", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "cpu_tiny.json").read_text())
     assert report["env"]["world_size"] == 2 and report["shard"]["rank0_stop"] == 500

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from vpcce import VocabParallelOptions
 from vpcce.launch.config import TrainConfig, load_config
 from vpcce.launch.corpus import MarkovCorpus
-from vpcce.launch.memory import MEMORY_DEFINITION, MemoryMeter, NoMeter
+from vpcce.launch.memory import MEMORY_DEFINITION, MemoryMeter, NoMeter, exit_process
 
 # ---------------------------------------------------------------------------------------------
 # the tiny model's job: forward + backward of one step with the loss op measured on its own
@@ -454,4 +454,4 @@ def _run(cfg: TrainConfig, device: torch.device) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
