@@ -39,9 +39,10 @@ def test_triton_matches_reference(dtype, kw):
     bias = (0.1 * torch.randn(c.shape[0], device="cuda")).to(dtype)
     ref = _grads("torch", e, c, y, bias, **kw)
     out = _grads("triton", e, c, y, bias, **kw)
-    loss_tol, grad_tol = (2e-6, 2e-3) if dtype == torch.float32 else (1e-5, 1.5e-2)  # tf32 / bf16 dz
+    # tf32 / bf16 dz
+    loss_tol, grad_tol = (2e-6, 2e-3) if dtype == torch.float32 else (1e-5, 1.5e-2)
     assert _rel(out[0], ref[0]) < loss_tol
-    for got, want in zip(out[1:], ref[1:]):
+    for got, want in zip(out[1:], ref[1:], strict=True):
         assert got.dtype == dtype
         assert _rel(got, want) < grad_tol
 
@@ -54,7 +55,7 @@ def test_bitwise_deterministic_and_no_host_sync():
         second = _grads("triton", b.e, b.c, b.targets)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for x, y in zip(first, second):
+    for x, y in zip(first, second, strict=True):
         assert torch.equal(x, y)
 
 
@@ -64,4 +65,18 @@ def test_strided_classifier_is_not_copied():
     wide[:, ::2] = b.c
     strided = wide[:, ::2]
     assert not strided.is_contiguous()
-    torch.testing.assert_close(_grads("triton", b.e, strided, b.targets)[0], _grads("triton", b.e, b.c, b.targets)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        _grads("triton", b.e, strided, b.targets)[0],
+        _grads("triton", b.e, b.c, b.targets)[0],
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("extra", [[], ["--forward-only", "--filter-eps", "0.001"]])
+def test_profile_step_runs(extra, capsys):
+    from vpcce.launch import profile_step
+
+    profile_step.main(["--n", "300", "--d", "64", "--v", "5000", "--steps", "2", *extra])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["step 0", "step 1"], lines
