@@ -577,6 +577,25 @@ def test_strided_inputs_match_contiguous_without_copy(c_layout, monkeypatch):
         assert rel_err(x, r) <= tol, (name, rel_err(x, r))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_expanded_upstream_gradients(reduction):
+    """``loss.sum()`` and ``lse.sum()`` hand the backward stride-0 gradients: read as such."""
+    g = torch.Generator().manual_seed(9)
+    e = torch.randn(2, 9, D_SMALL, generator=g)
+    c = torch.randn(V_SMALL, D_SMALL, generator=g) * (2 / D_SMALL**0.5)
+    y = torch.randint(0, V_SMALL, (2, 9), generator=g)
+    grads = {}
+    for impl in ("torch", "triton"):
+        leaves = (e.clone().requires_grad_(), c.clone().requires_grad_())
+        loss, lse = linear_cross_entropy(
+            *leaves, y, impl=impl, reduction=reduction, return_lse=True
+        )
+        (loss.sum() + lse.sum()).backward()
+        grads[impl] = [x.grad for x in leaves]
+    for got, want in zip(grads["triton"], grads["torch"], strict=True):
+        assert rel_err(got, want) <= FP32_TOL["grad"], rel_err(got, want)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(
     "e_shape,shift",

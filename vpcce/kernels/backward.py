@@ -275,6 +275,10 @@ def backward(
     skip tiles without recomputing them (`vpcce.kernels.skip_plan`).
     """
     n, (v, d) = layout.num_tokens, c.shape
+    # the kernel indexes the per-token vectors densely; an upstream gradient can be a stride-0
+    # expansion (``lse.sum().backward()`` hands one in)
+    lse, g_nll = lse.contiguous(), g_nll.contiguous()
+    g_lse = None if g_lse is None else g_lse.contiguous()
     grad_c = torch.empty((v, d), dtype=c.dtype, device=c.device)
     grad_bias = None if bias is None else torch.empty_like(bias)
     if n == 0:
