@@ -47,6 +47,10 @@ ROUND8 = replace(BWD, v=128, stages=4, split_acc=True)
 FORWARD_VARIANTS = {
     "64x256 w8 s4, split (default)": (FWD, None),
     "256x128 w16 s3, split": (replace(FWD, n=256, v=128, warps=16, stages=3), None),
+    # one warpgroup, small tiles: 2-3 programs per SM so one's softmax overlaps another's MMAs
+    "64x128 w4 s3, split": (replace(FWD, v=128, warps=4, stages=3), None),
+    "64x128 w4 s4, split": (replace(FWD, v=128, warps=4, stages=4), None),
+    "64x256 w4 s2, split": (replace(FWD, warps=4, stages=2), None),
     "128x256 w16 s3, split": (replace(FWD, n=128, warps=16, stages=3), None),
     "256x128 w8 s3, chained": (replace(FWD, n=256, v=128, stages=3, split_acc=False), None),
     "256x128 w16 s3, chained": (
