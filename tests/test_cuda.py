@@ -80,3 +80,16 @@ def test_profile_step_runs(extra, capsys):
     profile_step.main(["--n", "300", "--d", "64", "--v", "5000", "--steps", "2", *extra])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["step 0", "step 1"], lines
+
+
+def test_expanded_lse_gradient():
+    """``lse.sum()`` hands the backward a stride-0 gradient (see test_kernels)."""
+    b = lm_like(300, 64, 5000, entropy=3.0, device="cuda")
+    grads = {}
+    for impl in ("torch", "triton"):
+        leaves = [t.detach().float().requires_grad_() for t in (b.e, b.c)]
+        loss, lse = linear_cross_entropy(*leaves, b.targets, impl=impl, return_lse=True)
+        (loss + lse.sum()).backward()
+        grads[impl] = [x.grad for x in leaves]
+    for got, want in zip(grads["triton"], grads["torch"], strict=True):
+        assert _rel(got, want) < 2e-3  # tf32 dots
