@@ -56,6 +56,8 @@ CASES = {
     "fusion": dict(fusion="flag", sp=True, mtp=1),
     "fusion_zero_out": dict(fusion="zero_out"),
     "fusion_no_flag": dict(fusion="no_flag", sp=True),
+    # tied: the fused output-layer gradient goes to the embedding weight's main_grad
+    "tied_fusion": dict(fusion="flag", sp=True, tied=True),
 }
 # megatron-core >= 0.19: HybridModel (no output_processor hook): attention-only layers here
 HYBRID_CASES = {
