@@ -103,8 +103,8 @@ def test_two_gloo_ranks_vocab_parallel(tmp_path):
         "rep=1",
         "methods=[vpcce_exact,eager]",
     ]
-    # the CPU memory meter sees vpcce's collectives: the ranks leave through
-    # `memory.exit_process` (a gloo group pinned by the meter aborted 2 CI runs at interpreter exit)
+    # the ranks leave through `vpcce.launch.process_exit` (gloo's teardown at interpreter exit
+    # aborted a rank in 2 CI runs of this test)
     proc = run_torchrun("vpcce.launch.bench", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "cpu_tiny.json").read_text())

@@ -65,7 +65,8 @@ from vpcce.launch import methods as M
 from vpcce.launch.bench_report import FLOOR, FLOOR_FACTOR, markdown, plot
 from vpcce.launch.config import read_config
 from vpcce.launch.data import Batch, flat, lm_like
-from vpcce.launch.memory import MemoryMeter, exit_process
+from vpcce.launch.memory import MemoryMeter
+from vpcce.launch.process_exit import exit_process
 from vpcce.parallel import VocabParallelOptions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

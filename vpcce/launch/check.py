@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from vpcce import VocabParallelOptions, linear_cross_entropy
+from vpcce.launch.process_exit import exit_process
 from vpcce.parallel import shard_range
 
 DTYPES = {
@@ -325,4 +326,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -31,12 +31,13 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from vpcce.launch.process_exit import exit_process
 
 SUCCESSOR_P = 0.5  # probability that a token is followed by its fixed successor
 ZIPF_S = 1.1  # otherwise a token drawn from a Zipf(s) unigram: learnable within a few steps
@@ -267,4 +268,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,18 +11,12 @@ before it. Gradients from the previous step are freed first (``zero_grad(set_to_
   and backward) with a ``TorchDispatchMode``: each output storage that is new (shared with no input
   and not seen before) is counted once by its ``nbytes``, and a ``weakref.finalize`` subtracts it
   when the storage dies. Views and in-place results are never counted twice.
-
-A dispatch mode that sees a collective pins its process group for the life of the process (see
-`exit_process`): entry points that meter memory end with `exit_process`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import weakref
-from typing import NoReturn
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,34 +44,6 @@ def _storages(tree, out: list | None = None) -> list[torch.UntypedStorage]:
     return out
 
 
-# set once a LiveBytes region has seen a c10d collective (see `exit_process`)
-_saw_collective = False
-
-
-def saw_collective() -> bool:
-    """Whether a `LiveBytes` region of this process has seen a c10d collective."""
-    return _saw_collective
-
-
-def exit_process(code: int | None = 0) -> NoReturn:
-    """``sys.exit(code)``; ``os._exit(code)`` after flushing once `saw_collective`.
-
-    When a TorchDispatchMode sees a c10d op, torch turns its ProcessGroup argument into a Python
-    object and never drops those references (torch 2.13, gloo: the group's refcount grows by 10 and
-    never comes back). ``destroy_process_group`` then cannot free the group: its gloo threads live
-    into interpreter finalization, where a thread that touches a Python object aborts the process
-    ("terminate called without an active exception"; pytorch/pytorch#190489). Measured on CPU
-    torchrun runs of 2 ranks: 1 abort in 140 with a mode over one all_reduce, 0 in 60 without;
-    a rank aborted in 2 of 2 CI runs of the bench test. Leaving without finalization is the exit
-    that cannot abort; every file this package writes is closed before it returns.
-    """
-    if not _saw_collective:
-        sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
-
-
 class LiveBytes(TorchDispatchMode):
     """``live``: bytes of storages created inside the mode and still alive; ``peak``: their max."""
 
@@ -93,8 +59,6 @@ class LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        global _saw_collective
-        _saw_collective = _saw_collective or func.namespace == "c10d"
         out = func(*args, **(kwargs or {}))
         inputs = {s.data_ptr() for s in _storages((args, kwargs))}
         for storage in _storages(out):

@@ -43,7 +43,8 @@ from tqdm import tqdm
 from vpcce import VocabParallelOptions
 from vpcce.launch.config import TrainConfig, load_config
 from vpcce.launch.corpus import MarkovCorpus
-from vpcce.launch.memory import MEMORY_DEFINITION, MemoryMeter, NoMeter, exit_process
+from vpcce.launch.memory import MEMORY_DEFINITION, MemoryMeter, NoMeter
+from vpcce.launch.process_exit import exit_process
 
 # ---------------------------------------------------------------------------------------------
 # the tiny model's job: forward + backward of one step with the loss op measured on its own
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     device = _init_distributed(cfg)
     try:
         code = _run(cfg, device)
-        dist.barrier()  # leave together: rank 0 may still be writing; gloo aborts if torn down early
+        dist.barrier()  # leave together: rank 0 may still be writing (see `process_exit`)
         return code
     finally:
         dist.destroy_process_group()
