@@ -1,0 +1,42 @@
+"""`vpcce.launch.tp_round` on CPU: gloo, 2 ranks, the tiny configs, every part."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vpcce.launch import tp_round
+
+
+@pytest.mark.slow
+def test_cpu_round(tmp_path, capsys):
+    pytest.importorskip("megatron.core")  # the scaling part compares with Megatron's loss
+    code = tp_round.main(["--cpu", "--worlds", "2", "--train-steps", "2", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "tp_round.json").read_text())
+    assert code == 0, summary
+    (chk,) = summary["check"]
+    assert chk["passed"] and chk["ranks"] == ["rank 0: PASS", "rank 1: PASS"]
+    (train,) = summary["train"]
+    assert train["exit"] == 0 and train["max_rel_loss_diff"] <= 1e-3
+    assert train["vpcce_loss_op_peak_mib"] < train["materialized_loss_op_peak_mib"]
+    rows = summary["scaling"]
+    # cpu_tiny: N 64 and 128; both methods at world 1 and 2
+    assert {(r["method"], r["n"], r["world"]) for r in rows} == {
+        (m, n, w) for m in tp_round.BENCH_METHODS for n in (64, 128) for w in (1, 2)
+    }
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"]["fw+bw"] > 0, r
+        assert r["efficiency"] == pytest.approx(1.0) if r["world"] == 1 else r["efficiency"] > 0
+    assert "| 2 | fp32 | PASS (exit 0) |" in capsys.readouterr().out
+
+
+def test_scaling_efficiency_is_t1_over_w_tw():
+    rows = [
+        dict(config="a", method="m", n=8, world=1, ms={"fw+bw": 10.0}),
+        dict(config="a", method="m", n=8, world=4, ms={"fw+bw": 4.0}),
+        dict(config="a", method="m", n=16, world=4, ms={"fw+bw": 4.0}),  # no world-1 twin
+        dict(config="a", method="m", n=8, world=2, ms={}),  # failed: no time
+    ]
+    tp_round.scaling_efficiency(rows)
+    assert [r.get("efficiency") for r in rows] == [1.0, 10.0 / 16.0, None, None]
