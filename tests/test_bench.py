@@ -102,6 +102,7 @@ def test_two_gloo_ranks_vocab_parallel(tmp_path):
         "warmup=0",
         "rep=1",
         "methods=[vpcce_exact,eager]",
+        "comm=true",
     ]
     # the ranks leave through `vpcce.launch.process_exit` (gloo's teardown at interpreter exit
     # aborted a rank in 2 CI runs of this test)
@@ -113,6 +114,9 @@ def test_two_gloo_ranks_vocab_parallel(tmp_path):
     (row,) = _rows(report, method="vpcce_exact")
     assert row["status"] == "ok" and max(row["err"].values()) < FP32_ERR, row
     assert "world 2 (vocab-parallel" in proc.stdout
+    # gloo: the collectives of one fw+bw are timed; the caller waits, so nothing is hidden
+    assert row["comm"]["ms"] > 0 and row["comm"]["overlapped_ms"] is None, row
+    assert "collectives of one fw+bw, `vpcce_exact`" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,10 @@ def test_cpu_round(tmp_path, capsys):
     for r in rows:
         assert r["status"] == "ok" and r["ms"]["fw+bw"] > 0, r
         assert r["efficiency"] == pytest.approx(1.0) if r["world"] == 1 else r["efficiency"] > 0
+        # collectives are timed where there are some (gloo: nothing overlapped)
+        assert (r["comm"] is None) == (r["world"] == 1), r
+        if r["world"] > 1:
+            assert r["comm"]["ms"] > 0 and r["comm"]["overlapped_ms"] is None
     assert "| 2 | fp32 | PASS (exit 0) |" in capsys.readouterr().out
 
 

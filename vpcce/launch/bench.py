@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib.metadata
 import json
@@ -63,6 +64,7 @@ import torch.distributed as dist
 
 from vpcce.launch import methods as M
 from vpcce.launch.bench_report import FLOOR, FLOOR_FACTOR, markdown, plot
+from vpcce.launch.comm_profile import profile_comm
 from vpcce.launch.config import read_config
 from vpcce.launch.data import Batch, flat, lm_like
 from vpcce.launch.memory import MemoryMeter
@@ -94,6 +96,7 @@ class BenchConfig:
     memory: bool = True
     error: bool = True
     floor: bool = True  # the GEMM floor row
+    comm: bool = False  # under torchrun: time in collectives of one fw+bw, and how much is hidden
     vpcce_impl: str = "auto"  # "auto" (triton on CUDA, torch on CPU) | "triton" | "torch"
     plot_data: str | None = None  # data set of the PNG (when run); else the first peaked one
     out: str | None = None  # output folder; default out/bench/<name>
@@ -103,7 +106,7 @@ class BenchConfig:
             self.n = [self.n]
         if isinstance(self.entropies, (int, float)):
             self.entropies = [self.entropies]
-        for key in ("flat", "sort_vocab", "memory", "error", "floor"):
+        for key in ("flat", "sort_vocab", "memory", "error", "floor", "comm"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("name", "out", "plot_data"):
@@ -459,6 +462,10 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
                     mem[kind] = op_memory_mb(run, op, setup, returns_grads)
                     _free(run)
                 ms[kind] = median_ms(run, op, setup)
+            if cfg.comm and run.world > 1:
+                fw_bw = _kinds(fns[name], e_, c_, y)["fw+bw"][1]
+                comm = profile_comm(functools.partial(fw_bw, None), run.device)
+                results[name]["comm"] = _comm_over_ranks(run, comm)
         except Exception as err:  # noqa: BLE001
             status = _not_run(err)
         results[name]["status"] = _agreed_status(run, status)
@@ -474,6 +481,15 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
         _free(run)
         run.log(f"  {data} N {n} {name}: " + _summary(results[name]))
     return rows + list(results.values())
+
+
+def _comm_over_ranks(run: Run, comm) -> dict:
+    """The slowest rank's collective time; the least any rank hid (None on CPU: nothing is)."""
+    (comm_ms,) = _reduce_max(run, [comm.comm_ms])
+    hidden = None
+    if comm.overlapped_ms is not None:
+        hidden = -_reduce_max(run, [-comm.overlapped_ms])[0]
+    return dict(ms=comm_ms, overlapped_ms=hidden)
 
 
 def _summary(row: dict) -> str:

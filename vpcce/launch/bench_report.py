@@ -2,8 +2,8 @@
 
 Both read only the report dict that `vpcce.launch.bench` also writes as JSON: ``config``,
 ``env``, ``data`` (name, mean entropy, mean NLL), ``results`` (one row per data set, N and method:
-``status``, then ``ms`` and ``mem_mb`` per kind and ``err``), ``unavailable`` (method -> reason),
-``shard``, ``png`` and ``complete``.
+``status``, then ``ms`` and ``mem_mb`` per kind, ``err`` and, with ``comm``, ``comm``),
+``unavailable`` (method -> reason), ``shard``, ``png`` and ``complete``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ def markdown(report: dict) -> str:
                 cells += [_fmt(err.get(k), ".1e") for k in ("loss", "de", "dc")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"- not run: `{k}`: {v}" for k, v in report["unavailable"].items()]
+    for r in report["results"]:
+        if "comm" in r:
+            hidden = r["comm"]["overlapped_ms"]
+            lines.append(
+                f"- collectives of one fw+bw, `{r['method']}` ({r['data']}, N {r['n']}): "
+                f"{r['comm']['ms']:.3g} ms (slowest rank)"
+                + ("" if hidden is None else f", {hidden:.3g} ms of it overlapped by other kernels")
+            )
     if not report.get("complete", True):
         lines.append("- incomplete: written part-way through the run")
     if (report.get("png") or "").startswith("no PNG"):

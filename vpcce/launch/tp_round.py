@@ -19,7 +19,8 @@ printed last.
    peak memory per rank of both.
 3. scaling: `vpcce.launch.bench` for each ``--bench-configs`` at world 1 and every world, methods
    vpcce_exact and megatron, one N, 5-nat data: per-rank forward+backward time and op memory,
-   and the scaling efficiency ``t(1) / (W * t(W))``.
+   the scaling efficiency ``t(1) / (W * t(W))``, and the time in collectives of one fw+bw with
+   the part other kernels overlap (`vpcce.launch.comm_profile`).
 """
 
 from __future__ import annotations
@@ -38,14 +39,21 @@ GPU = dict(
     train_config="configs/train/gpt_megatron_h100.yaml",
     # the shapes of issue 8's scaling table; errors are the check's business (no fp64 truth here)
     bench_configs=["configs/bench/llama3_h100.yaml:16384", "configs/bench/gemma2_h100.yaml:8192"],
-    bench_overrides=["flat=false", "entropies=[5]", "kinds=[fw,fw+bw]", "error=false"],
+    bench_overrides=["flat=false", "entropies=[5]", "kinds=[fw,fw+bw]", "error=false", "comm=true"],
     check_dtypes=["fp32", "bf16"],
 )
 CPU = dict(
     backend="gloo",
     train_config="configs/train/cpu_demo.yaml",
     bench_configs=["configs/bench/cpu_tiny.yaml"],
-    bench_overrides=["flat=false", "entropies=[5]", "kinds=[fw,fw+bw]", "warmup=0", "rep=2"],
+    bench_overrides=[
+        "flat=false",
+        "entropies=[5]",
+        "kinds=[fw,fw+bw]",
+        "warmup=0",
+        "rep=2",
+        "comm=true",
+    ],
     check_dtypes=["fp32"],
 )
 BENCH_METHODS = ("vpcce_exact", "megatron")
@@ -142,6 +150,7 @@ def bench(world: int, config: str, overrides: list[str], out: Path, timeout: flo
                     status=r["status"],
                     ms=r.get("ms", {}),
                     mem_mb=r.get("mem_mb", {}),
+                    comm=r.get("comm"),
                 )
             )
     return rows
@@ -182,21 +191,27 @@ def markdown(summary: dict) -> str:
         "",
         "#### scaling (per rank, fw+bw)",
         "",
-        "| config | N | method | world | fw+bw ms | fw+bw MB | efficiency |",
-        "|---|---|---|---|---|---|---|",
+        "| config | N | method | world | fw+bw ms | fw+bw MB | efficiency | collectives ms "
+        "(overlapped) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["scaling"]:
         if r.get("status", "failed") != "ok":
             lines.append(
                 f"| {r['config']} | {r.get('n', '')} | {r.get('method', '')} | "
-                f"{r['world']} | {r.get('status', 'failed')} (exit {r['exit']}) | | |"
+                f"{r['world']} | {r.get('status', 'failed')} (exit {r['exit']}) | | | |"
             )
             continue
         eff = f"{r['efficiency']:.2f}" if "efficiency" in r else "-"
         mem = r["mem_mb"].get("fw+bw")
+        comm = r.get("comm")
+        hidden = None if comm is None else comm["overlapped_ms"]
+        comm_cell = "-" if comm is None else f"{comm['ms']:.3g}"
+        comm_cell += "" if hidden is None else f" ({hidden:.3g})"
         lines.append(
             f"| {r['config']} | {r['n']} | {r['method']} | {r['world']} | "
-            f"{r['ms']['fw+bw']:.3g} | {'-' if mem is None else f'{mem:.0f}'} | {eff} |"
+            f"{r['ms']['fw+bw']:.3g} | {'-' if mem is None else f'{mem:.0f}'} | {eff} | "
+            f"{comm_cell} |"
         )
     return "\n".join(lines)
 
