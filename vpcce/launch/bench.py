@@ -36,6 +36,9 @@ Definitions:
   are skipped. Times and memory are the maximum over ranks, dC errors use norms summed over ranks;
   the floor is each rank's shard GEMM. Rank 0 prints and writes. A method that fails on some ranks
   only (e.g. out of memory on one) can leave the others waiting in a collective.
+- collectives (``comm: true``, under torchrun): one more fw+bw per method under torch.profiler;
+  the time in collectives (NCCL kernels, or gloo's ranges on CPU; slowest rank) and the part
+  other kernels overlap (least over ranks; None on CPU), `vpcce.launch.comm_profile`.
 - vpcce on CPU: ``vpcce_impl: auto`` runs ``impl="torch"``; ``vpcce_impl: triton`` runs the Triton
   kernels in the interpreter, setting ``TRITON_INTERPRET=1`` at startup if needed (before any
   kernel module is imported). Interpreted kernels are seconds per call: tiny shapes only.

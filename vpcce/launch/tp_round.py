@@ -36,6 +36,8 @@ import torch
 
 # the repository's configs (relative paths given on the command line are the caller's)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# one N, 5-nat data; the time in collectives of one fw+bw
+BENCH_OVERRIDES = ["flat=false", "entropies=[5]", "kinds=[fw,fw+bw]", "comm=true"]
 GPU = dict(
     backend="nccl",
     train_config=str(CONFIGS / "train/gpt_megatron_h100.yaml"),
@@ -44,21 +46,14 @@ GPU = dict(
         f"{CONFIGS}/bench/llama3_h100.yaml:16384",
         f"{CONFIGS}/bench/gemma2_h100.yaml:8192",
     ],
-    bench_overrides=["flat=false", "entropies=[5]", "kinds=[fw,fw+bw]", "error=false", "comm=true"],
+    bench_overrides=[*BENCH_OVERRIDES, "error=false"],
     check_dtypes=["fp32", "bf16"],
 )
 CPU = dict(
     backend="gloo",
     train_config=str(CONFIGS / "train/cpu_demo.yaml"),
     bench_configs=[str(CONFIGS / "bench/cpu_tiny.yaml")],
-    bench_overrides=[
-        "flat=false",
-        "entropies=[5]",
-        "kinds=[fw,fw+bw]",
-        "warmup=0",
-        "rep=2",
-        "comm=true",
-    ],
+    bench_overrides=[*BENCH_OVERRIDES, "warmup=0", "rep=2"],
     check_dtypes=["fp32"],
 )
 BENCH_METHODS = ("vpcce_exact", "megatron")
@@ -81,8 +76,12 @@ def torchrun(module: str, args: list[str], world: int, log: Path, timeout: float
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         code, output = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, output = 124, f"timed out after {timeout} s\n{exc.stdout or ''}{exc.stderr or ''}"
+    except subprocess.TimeoutExpired as exc:  # its captured output can be bytes
+        parts = [
+            x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+            for x in (exc.stdout, exc.stderr)
+        ]
+        code, output = 124, f"timed out after {timeout} s\n" + "".join(parts)
     log.write_text(output)
     return code
 
