@@ -190,8 +190,9 @@ def run_torchrun(module: str, *args: str, nproc: int = 2, timeout: float = 180):
     torchrun picks a free port itself (safe under pytest-xdist); one thread per rank.
     """
     import subprocess
-    import sys
     from pathlib import Path
+
+    from vpcce.launch.tp_round import torchrun_command
 
     root = Path(__file__).resolve().parents[1]
     env = dict(
@@ -199,6 +200,5 @@ def run_torchrun(module: str, *args: str, nproc: int = 2, timeout: float = 180):
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), "-m", module, *args]  # fmt: skip
+    cmd = torchrun_command(module, list(args), nproc)
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

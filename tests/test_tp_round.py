@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,35 @@ def test_scaling_efficiency_is_t1_over_w_tw():
     ]
     tp_round.scaling_efficiency(rows)
     assert [r.get("efficiency") for r in rows] == [1.0, 10.0 / 16.0, None, None]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+def test_timeout_stops_torchrun_and_its_ranks(tmp_path, monkeypatch):
+    """torchrun's ranks run in their own sessions: a timed-out world must not leave them running."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    (tmp_path / "sleeper.py").write_text(
+        "import os, time\n"
+        f"open(os.path.join({str(pids)!r}, str(os.getpid())), 'w').close()\n"
+        "time.sleep(300)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))
+    started = time.monotonic()
+    code = tp_round.torchrun("sleeper", [], 2, tmp_path / "log", timeout=10)
+    assert time.monotonic() - started < 120
+    assert code == 124 and "timed out after 10" in (tmp_path / "log").read_text()
+    ranks = [int(p.name) for p in pids.iterdir()]
+    assert len(ranks) == 2
+    for pid in ranks:
+        for _ in range(50):  # SIGTERM is handled promptly; allow a few seconds on a loaded machine
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid), f"rank process {pid} outlived the timeout"

@@ -275,8 +275,9 @@ def backward(
     skip tiles without recomputing them (`vpcce.kernels.skip_plan`).
     """
     n, (v, d) = layout.num_tokens, c.shape
-    # the kernel indexes the per-token vectors densely; an upstream gradient can be a stride-0
-    # expansion (``lse.sum().backward()`` hands one in)
+    # the kernel indexes the per-token vectors densely: an LSE gradient can be a stride-0
+    # expansion (``lse.sum().backward()`` hands one in); lse and g_nll are dense from
+    # `vpcce.function` and cost nothing here, but this function is called directly too
     lse, g_nll = lse.contiguous(), g_nll.contiguous()
     g_lse = None if g_lse is None else g_lse.contiguous()
     grad_c = torch.empty((v, d), dtype=c.dtype, device=c.device)

@@ -38,7 +38,7 @@ Definitions:
   only (e.g. out of memory on one) can leave the others waiting in a collective.
 - collectives (``comm: true``, under torchrun): one more fw+bw per method under torch.profiler;
   the time in collectives (NCCL kernels, or gloo's ranges on CPU; slowest rank) and the part
-  other kernels overlap (least over ranks; None on CPU), `vpcce.launch.comm_profile`.
+  other GPU work overlaps (least over ranks; not measured on CPU), `vpcce.launch.comm_profile`.
 - vpcce on CPU: ``vpcce_impl: auto`` runs ``impl="torch"``; ``vpcce_impl: triton`` runs the Triton
   kernels in the interpreter, setting ``TRITON_INTERPRET=1`` at startup if needed (before any
   kernel module is imported). Interpreted kernels are seconds per call: tiny shapes only.
@@ -487,12 +487,10 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
 
 
 def _comm_over_ranks(run: Run, comm) -> dict:
-    """The slowest rank's collective time; the least any rank hid (None on CPU: nothing is)."""
-    (comm_ms,) = _reduce_max(run, [comm.comm_ms])
-    hidden = None
-    if comm.overlapped_ms is not None:
-        hidden = -_reduce_max(run, [-comm.overlapped_ms])[0]
-    return dict(ms=comm_ms, overlapped_ms=hidden)
+    """The slowest rank's collective time; the least any rank overlapped (None: not measured)."""
+    measured = comm.overlapped_ms is not None
+    comm_ms, neg_hidden = _reduce_max(run, [comm.comm_ms, -(comm.overlapped_ms or 0.0)])
+    return dict(ms=comm_ms, overlapped_ms=-neg_hidden if measured else None)
 
 
 def _summary(row: dict) -> str:

@@ -58,7 +58,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"- not run: `{k}`: {v}" for k, v in report["unavailable"].items()]
     for r in report["results"]:
-        if "comm" in r:
+        if "comm" in r and r["status"] == "ok":
             hidden = r["comm"]["overlapped_ms"]
             lines.append(
                 f"- collectives of one fw+bw, `{r['method']}` ({r['data']}, N {r['n']}): "

@@ -1,10 +1,11 @@
 """Time a call spends in collectives, and how much of it other GPU work hides (torch.profiler).
 
-- CUDA: the kernels of the call (one profiled run); collectives are the NCCL kernels. ``comm_ms``
-  is the length of the union of their intervals, ``overlapped_ms`` the part of it during which a
-  non-NCCL kernel also ran (on another stream): communication that costs no wall time.
-- CPU (gloo): the profiler's ``gloo:*`` ranges; gloo runs a collective while the caller waits,
-  so nothing is overlapped by construction and ``overlapped_ms`` is None.
+- CUDA: the device events of the call (one profiled run); collectives are the NCCL kernels.
+  ``comm_ms`` is the length of the union of their intervals, ``overlapped_ms`` the part of it
+  during which other GPU work (a kernel, a copy) also ran on another stream: communication that
+  costs no wall time.
+- CPU (gloo): the profiler's ``gloo:*`` ranges. They run on gloo's worker threads, where host ops
+  of the caller's thread do not tell what overlaps them: ``overlapped_ms`` is None (not measured).
 
 Both count the wait for the other ranks inside a collective (an NCCL kernel spins until its peers
 arrive), and come from one profiled call: a single sample, not a median.

@@ -15,6 +15,7 @@ per vocabulary chunk from autograd's device thread, outside the NVTX range: pick
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
         marks[3].record()
         torch.cuda.nvtx.range_pop()
         torch.cuda.synchronize()
-        gemm, fw, bw = (a.elapsed_time(b) for a, b in zip(marks, marks[1:], strict=False))
+        gemm, fw, bw = (a.elapsed_time(b) for a, b in itertools.pairwise(marks))
         print(f"step {step}: GEMM {gemm:.2f} ms, vpcce fw {fw:.2f} ms, bw {bw:.2f} ms", flush=True)
 
 

@@ -234,6 +234,7 @@ def compare(results: dict) -> dict | None:
         "first_abs_diff": diff[0],
         "mean_abs_diff": sum(diff) / len(diff),
         "max_abs_diff": max(diff),
+        "max_rel_diff": max(d / abs(y) for d, y in zip(diff, b, strict=True)),
     }
 
 
