@@ -70,6 +70,21 @@ GPU_FORWARD_BLOCKS = Blocks(
     split_acc=True,
     flatten=True,
 )
+# H100, bf16 (round 12): the warp-specialized Gluon forward (`vpcce.kernels.forward_hopper`), used on
+# Hopper where TMA can read both operands as plain 16-bit matrices; the Triton forward above
+# otherwise. 128 token rows (two consumer warpgroups of 64) x 256 vocabulary rows x 64-wide K
+# steps, a 4-stage TMA ring (192 KB), split accumulation. None: always the Triton forward.
+HOPPER_FORWARD_BLOCKS: Blocks | None = Blocks(
+    n=128,
+    v=256,
+    d=64,
+    gemm_n=128,
+    gemm_k=64,
+    warps=4,
+    stages=4,
+    gemm_stages=3,
+    split_acc=True,
+)
 # Backward (dlogits recompute, Triton gradient GEMMs, filter tiles): dz = p - q needs the logits
 # only to ~1e-5 relative next to its 16-bit rounding, so the chained accumulator is exact enough
 # (dE / dC errors unchanged at 2 digits) and frees the registers for 128 x 256 tiles: Gemma
@@ -108,6 +123,11 @@ def blocks(dtype: torch.dtype | None = None) -> Blocks:
 def forward_blocks(dtype: torch.dtype | None = None) -> Blocks:
     """Tiles of the fused forward for ``dtype`` inputs."""
     return _for_dtype(INTERPRETER_BLOCKS if interpreting() else GPU_FORWARD_BLOCKS, dtype)
+
+
+def hopper_forward_blocks() -> Blocks | None:
+    """Tiles of the warp-specialized Hopper forward, or None where it is off (and in the interpreter)."""
+    return None if interpreting() else HOPPER_FORWARD_BLOCKS
 
 
 def even_d(d: int, cfg: Blocks) -> bool:

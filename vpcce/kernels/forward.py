@@ -21,6 +21,7 @@ from vpcce.kernels.common import (
     dot_precision,
     even_d,
     forward_blocks,
+    hopper_forward_blocks,
     logits_tile,
     plain_matrix,
     row_offsets,
@@ -172,6 +173,21 @@ def _cce_fwd_kernel(
     tl.store(out_int + 5, arg + vocab_start, mask=n_mask)
 
 
+def _hopper_forward(e2: torch.Tensor | None, c: torch.Tensor):
+    """(`vpcce.kernels.forward_hopper`, its tiles) when that kernel takes these operands, else None.
+
+    Imported on first use: Gluon is experimental and only this GPU path needs it.
+    """
+    cfg = hopper_forward_blocks()
+    if cfg is None or c.device.type != "cuda":
+        return None
+    try:
+        from vpcce.kernels import forward_hopper
+    except ImportError:  # a Triton without Gluon's Hopper API
+        return None
+    return (forward_hopper, cfg) if forward_hopper.supported(e2, c, cfg) else None
+
+
 def _num_splits(num_token_blocks: int, num_vocab_tiles: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -204,6 +220,21 @@ def forward_partials(
     del chunk_bytes
     e3, y2 = layout.e3, layout.y2
     n, (v, d) = layout.num_tokens, c.shape
+    hopper = _hopper_forward(plain_matrix(e3), c)
+    if hopper is not None and n > 0:
+        module, cfg = hopper
+        vocab_tiles = triton.cdiv(v, cfg.v)
+        sms = torch.cuda.get_device_properties(c.device).multi_processor_count
+        splits = num_splits or module.num_splits(n, vocab_tiles, cfg, sms)
+        splits = max(1, min(splits, vocab_tiles))
+        parts = torch.empty(splits, n, NUM_STATS, dtype=torch.float32, device=c.device)
+        module.launch(
+            plain_matrix(e3), c, bias, y2, parts, tile_max, cfg,
+            seq_len=layout.seq_len, vocab_start=vocab_start,
+            tiles_per_split=triton.cdiv(vocab_tiles, splits),
+            logit_scale=logit_scale, softcap=softcap,
+        )
+        return parts[0] if splits == 1 else merge_partials(parts)
     cfg = forward_blocks(c.dtype)
     token_blocks = triton.cdiv(max(n, 1), cfg.n)
     vocab_tiles = triton.cdiv(v, cfg.v)

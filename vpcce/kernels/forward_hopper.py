@@ -1,0 +1,288 @@
+"""Warp-specialized forward for Hopper (Gluon): the softmax epilogue runs while the tensor cores don't wait.
+
+Same contract as `vpcce.kernels.forward` (per-split ``[S, N, 6]`` partials, merged in split order;
+optional per-tile max summary), different schedule. Round 11 (docs/perf.md) found the Triton
+forward's tensor pipe busy 42% of the time: every warp ran its tile's MMAs, then the tile's
+softmax statistics, while nothing else issued MMAs. Here a program is three partitions:
+
+- a producer warp streams ``E[128 rows, 64]`` and ``C[256 vocab rows, 64]`` K-slices into a ring
+  of shared-memory stages through TMA (``ready`` / ``empty`` mbarriers);
+- two consumer warpgroups each own 64 of the 128 token rows and read the same ``C`` slices
+  (256 x 128 operand reuse per stage). Each runs its wgmmas, then its epilogue; while one is in
+  its epilogue the other's wgmmas keep the tensor cores busy (they drift apart by up to the ring's
+  depth). A row lives in one warp of the wgmma layout, so the row max / sum are warp shuffles:
+  no shared-memory exchange and no CTA barrier, unlike the 64 x 256 Triton tile.
+
+Accuracy is the Triton forward's: every 64-wide K step is a fresh wgmma chain (``use_acc=False``)
+added into the fp32 accumulator with an IEEE add (Hopper's accumulator chain truncates, round 2).
+The 64 x 256 accumulator is kept as two 64 x 128 halves so that the step's partial product needs
+64 registers, not 128: 192 accumulator registers per thread.
+
+GPU-only (Gluon has no interpreter); `supported` says when `vpcce.kernels.forward` uses it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from vpcce.kernels.common import Blocks
+
+CONSUMER_REGS = 240  # per thread, each consumer warpgroup (setmaxnreg)
+PRODUCER_REGS = 24
+GROUP = 16  # token blocks that run together (see the kernel's program order)
+_ROWS = 64  # token rows per consumer warpgroup (the wgmma M)
+_WG0 = gl.constexpr(0)  # consumer warpgroup ids: which 64 of the 128 rows
+_WG1 = gl.constexpr(1)
+
+
+@gluon.jit
+def _tanh(x):
+    t = gl.exp(-2.0 * gl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return gl.where(x < 0, -y, y)
+
+
+@gluon.jit
+def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k):
+    stages: gl.constexpr = e_bufs.type.shape[0]
+    block_d: gl.constexpr = e_desc.block_type.shape[1]
+    block_v: gl.constexpr = c_desc.block_type.shape[0]
+    nbytes: gl.constexpr = e_desc.block_type.nbytes + c_desc.block_type.nbytes
+    i = 0
+    for t in range(t_begin, t_end):
+        for k in range(num_k):
+            s = i % stages
+            # an mbarrier starts with its phase-1 wait complete: the first round finds every stage free
+            mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            tma.async_copy_global_to_shared(e_desc, [n0, k * block_d], ready.index(s), e_bufs.index(s))
+            tma.async_copy_global_to_shared(c_desc, [t * block_v, k * block_d], ready.index(s), c_bufs.index(s))
+            i += 1
+
+
+@gluon.jit
+def _finish_logits(acc, cols, v0, V, bias_ptr, stride_bias, logit_scale, softcap,
+                   HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+    """The Triton `logits_tile`'s tail for columns ``v0 + cols``: bias, scale, softcap; -inf past V.
+
+    Columns are int32 offsets within the tile (registers hold them as constants), not int64 ids.
+    """
+    in_vocab = (cols < V - v0)[None, :]
+    if HAS_BIAS:
+        b = gl.load(bias_ptr + (v0 + cols).to(gl.int64) * stride_bias, mask=cols < V - v0, other=0.0)
+        acc = acc + b.to(gl.float32)[None, :]
+    acc = acc * logit_scale
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return gl.where(in_vocab, acc, float("-inf"))
+
+
+@gluon.jit
+def _first_max(z, cols):
+    """Per row, the half tile's (NaN-highest) maximum and the first column holding it (torch.argmax)."""
+    r = gl.where(z != z, float("inf"), z)
+    r_max = gl.max(r, axis=1)
+    none: gl.constexpr = 2**31 - 1
+    return r_max, gl.min(gl.where(r == r_max[:, None], cols[None, :], none), axis=1)
+
+
+@gluon.jit
+def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x, sum_z, z_target):
+    """Add the half tile of columns ``v0 + cols`` to the running sums (already rescaled to ``m_ref``)."""
+    zs = z - m_ref[:, None]  # -inf past V: p = 0 there
+    p = gl.exp(zs)
+    s_sum += gl.sum(p, axis=1)
+    x += gl.sum(gl.where(p > 0, p * zs, 0.0), axis=1)  # p = 0 at z = -inf: not 0 * -inf
+    sum_z += gl.sum(gl.where((cols < V - v0)[None, :], z, 0.0), axis=1)
+    # the target's column in this half, or -1; a target owned by the next shard can fall on a
+    # padding column (z = -inf there), hence the V bound
+    y_col = y_local - v0
+    y_col = gl.where((y_col >= 0) & (y_col < gl.minimum(V - v0, cols.shape[0])), y_col, -1).to(gl.int32)
+    z_target += gl.sum(gl.where(cols[None, :] == y_col[:, None], z, 0.0), axis=1)
+    return s_sum, x, sum_z, z_target
+
+
+@gluon.jit
+def _consumer(e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
+              N, V, seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k,
+              stride_yb, stride_yt, stride_ps, stride_tmt, stride_bias, logit_scale, softcap,
+              WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, SUMMARY: gl.constexpr):
+    stages: gl.constexpr = e_bufs.type.shape[0]
+    rows: gl.constexpr = e_bufs.type.shape[1] // 2
+    half: gl.constexpr = c_bufs.type.shape[1] // 2
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma)
+    col_layout: gl.constexpr = gl.SliceLayout(0, mma)
+
+    n = n0 + WG * rows + gl.arange(0, rows, layout=row_layout)
+    n_mask = n < N
+    n64 = n.to(gl.int64)
+    y = gl.load(y_ptr + (n64 // seq_len) * stride_yb + (n64 % seq_len) * stride_yt, mask=n_mask, other=-1)
+    y_local = y.to(gl.int64) - vocab_start  # outside [0, V) when another shard owns the target
+    cols = gl.arange(0, half, layout=col_layout)
+
+    m = gl.full([rows], float("-inf"), gl.float32, row_layout)
+    s_sum = gl.zeros([rows], gl.float32, row_layout)
+    x = gl.zeros([rows], gl.float32, row_layout)
+    sum_z = gl.zeros([rows], gl.float32, row_layout)
+    z_target = gl.zeros([rows], gl.float32, row_layout)
+    arg = gl.zeros([rows], gl.int32, row_layout)
+    i = 0
+    for t in range(t_begin, t_end):
+        acc_lo = gl.zeros([rows, half], gl.float32, mma)
+        acc_hi = gl.zeros([rows, half], gl.float32, mma)
+        for k in range(num_k):
+            st = i % stages
+            mbarrier.wait(ready.index(st), (i // stages) & 1)
+            a = e_bufs.index(st).slice(WG * rows, rows)
+            c = c_bufs.index(st)
+            # a fresh chain per K step, rounded into fp32 by an IEEE add (the split accumulation)
+            # (each wgmma's ignored accumulator input is the previous add's result: that orders
+            # the adds before the next wgmma, so one 64-register partial is live, not two)
+            part = warpgroup_mma(a, c.slice(0, half).permute((1, 0)), acc_hi, use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(0, deps=(part, ))
+            acc_lo = acc_lo + part
+            part = warpgroup_mma(a, c.slice(half, half).permute((1, 0)), acc_lo, use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(0, deps=(part, ))
+            acc_hi = acc_hi + part
+            mbarrier.arrive(empty.index(st), count=1)
+            i += 1
+
+        # the statistics of `vpcce.kernels.forward`, over the tile's two halves
+        v_lo = t * (2 * half)
+        v_hi = v_lo + half
+        z_lo = _finish_logits(acc_lo, cols, v_lo, V, bias_ptr, stride_bias, logit_scale, softcap,
+                              HAS_BIAS, HAS_SOFTCAP)
+        z_hi = _finish_logits(acc_hi, cols, v_hi, V, bias_ptr, stride_bias, logit_scale, softcap,
+                              HAS_BIAS, HAS_SOFTCAP)
+        tile_max = gl.maximum(gl.max(z_lo, axis=1), gl.max(z_hi, axis=1))
+        if SUMMARY:
+            gl.store(tile_max_ptr + t * stride_tmt + n, tile_max.to(tile_max_ptr.dtype.element_ty), mask=n_mask)
+        r_lo, arg_lo = _first_max(z_lo, cols)
+        r_hi, arg_hi = _first_max(z_hi, cols)
+        tile_arg = gl.where(r_hi > r_lo, arg_hi + v_hi, arg_lo + v_lo)
+        arg = gl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
+        m_new = gl.maximum(m, tile_max)
+        # -inf logits weigh 0; while every logit so far is -inf, shift by 0 (no (-inf) - (-inf))
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+        delta = gl.where(s_sum > 0, m - m_ref, 0.0)  # m = -inf while s = 0: avoid -inf * 0
+        alpha = gl.exp(m - m_ref)
+        x = alpha * (x + delta * s_sum)
+        s_sum = s_sum * alpha
+        s_sum, x, sum_z, z_target = _add_half(z_lo, cols, v_lo, V, m_ref, y_local, s_sum, x, sum_z, z_target)
+        s_sum, x, sum_z, z_target = _add_half(z_hi, cols, v_hi, V, m_ref, y_local, s_sum, x, sum_z, z_target)
+        m = m_new
+
+    out = part_ptr + stride_ps * pid_s + n64 * 6
+    gl.store(out + 0, m, mask=n_mask)
+    gl.store(out + 1, s_sum, mask=n_mask)
+    gl.store(out + 2, x, mask=n_mask)
+    gl.store(out + 3, sum_z, mask=n_mask)
+    gl.store(out + 4, z_target, mask=n_mask)
+    out_int = part_int_ptr + stride_ps * pid_s + n64 * 6
+    gl.store(out_int + 5, arg + vocab_start, mask=n_mask)
+
+
+@gluon.jit
+def _cce_fwd_ws_kernel(e_desc, c_desc, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
+                       N, V, D, seq_len, vocab_start, num_splits, tiles_per_split,
+                       stride_yb, stride_yt, stride_ps, stride_tmt, stride_bias, logit_scale, softcap,
+                       HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, SUMMARY: gl.constexpr,
+                       STAGES: gl.constexpr, GROUP: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    block_n: gl.constexpr = e_desc.block_type.shape[0]
+    block_d: gl.constexpr = e_desc.block_type.shape[1]
+    block_v: gl.constexpr = c_desc.block_type.shape[0]
+    e_bufs = gl.allocate_shared_memory(e_desc.dtype, [STAGES, block_n, block_d], e_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, block_v, block_d], c_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a stage
+
+    # grouped order: the programs running at one time share GROUP token blocks (their rows of E stay
+    # in L2 while every split streams its classifier tiles; Llama's E is 134 MB, beyond the L2)
+    pid = gl.program_id(0)
+    group_size = GROUP * num_splits
+    first_block = (pid // group_size) * GROUP
+    blocks_in_group = gl.minimum(gl.cdiv(N, block_n) - first_block, GROUP)
+    pid_n = first_block + (pid % group_size) % blocks_in_group
+    pid_s = (pid % group_size) // blocks_in_group
+    n0 = pid_n * block_n
+    t_begin = pid_s * tiles_per_split
+    t_end = gl.minimum(t_begin + tiles_per_split, gl.cdiv(V, block_v))
+    num_k = gl.cdiv(D, block_d)
+    gl.warp_specialize([
+        (_consumer, (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
+                     N, V, seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k,
+                     stride_yb, stride_yt, stride_ps, stride_tmt, stride_bias, logit_scale, softcap,
+                     _WG0, HAS_BIAS, HAS_SOFTCAP, SUMMARY)),
+        (_consumer, (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
+                     N, V, seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k,
+                     stride_yb, stride_yt, stride_ps, stride_tmt, stride_bias, logit_scale, softcap,
+                     _WG1, HAS_BIAS, HAS_SOFTCAP, SUMMARY)),
+        (_producer, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def supported(e2: torch.Tensor | None, c: torch.Tensor, cfg: Blocks) -> bool:
+    """True when this kernel can run: a Hopper GPU and 16-bit operands that TMA reads as plain
+    matrices (``e2`` is None for hidden states that are not one ``[N, D]`` matrix view)."""
+    if e2 is None or c.device.type != "cuda" or torch.cuda.get_device_capability(c.device)[0] != 9:
+        return False
+    if c.dtype not in (torch.bfloat16, torch.float16) or e2.dtype != c.dtype or cfg.n != 2 * _ROWS:
+        return False
+    return all(
+        x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+        for x in (e2, c)
+    )
+
+
+def num_splits(num_tokens: int, num_vocab_tiles: int, cfg: Blocks, sms: int) -> int:
+    """Vocabulary splits for one program per SM (the ring takes 192 KB of shared memory).
+
+    Every program does the same work, so the time goes as waves x (tiles per split + ~1 tile of
+    start-up and epilogue). At least ``SMs / GROUP`` splits, so that a wave holds at most about
+    GROUP token blocks; at most 32, so the ``[splits, N, 6]`` partials stay small (Gemma: 10
+    splits, 4.85 waves; Llama: 9 splits, 8.7 waves).
+    """
+    blocks = triton.cdiv(num_tokens, cfg.n)
+    lowest = min(triton.cdiv(sms, GROUP), num_vocab_tiles)
+    candidates = range(lowest, max(lowest, min(num_vocab_tiles, 32)) + 1)
+    return min(
+        candidates,
+        key=lambda s: (triton.cdiv(blocks * s, sms) * (triton.cdiv(num_vocab_tiles, s) + 1), s),
+    )
+
+
+def launch(e2, c, bias, y2, parts, tile_max, cfg: Blocks, *, seq_len, vocab_start, tiles_per_split,
+           logit_scale, softcap):
+    """Fill ``parts`` ([S, N, 6]) with the per-split partials (grid: token blocks x S)."""
+    n, (v, d) = e2.shape[0], c.shape
+    dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
+    e_desc = TensorDescriptor.from_tensor(
+        e2, [cfg.n, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.n, cfg.d], dtype)
+    )
+    c_desc = TensorDescriptor.from_tensor(
+        c, [cfg.v, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.v, cfg.d], dtype)
+    )
+    bias_arg = bias if bias is not None else c
+    splits = parts.shape[0]
+    _cce_fwd_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
+        e_desc, c_desc, bias_arg, y2, parts, parts.view(torch.int32),
+        tile_max if tile_max is not None else parts,
+        n, v, d, seq_len, vocab_start, splits, tiles_per_split,
+        y2.stride(0), y2.stride(1), parts.stride(0),
+        tile_max.stride(0) if tile_max is not None else 0, bias_arg.stride(0),
+        float(logit_scale), float(softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, SUMMARY=tile_max is not None,
+        STAGES=cfg.stages, GROUP=GROUP, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4,
+        # 3 warpgroups (2 consumers, the producer's) share the register file: 65536 / 384 threads
+        maxnreg=168,
+    )
