@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vpcce import linear_cross_entropy
+from vpcce.kernels import common
 from vpcce.launch.data import lm_like
 
 pytestmark = pytest.mark.cuda
@@ -65,12 +66,17 @@ def test_strided_classifier_is_not_copied():
     wide[:, ::2] = b.c
     strided = wide[:, ::2]
     assert not strided.is_contiguous()
-    torch.testing.assert_close(
-        _grads("triton", b.e, strided, b.targets)[0],
-        _grads("triton", b.e, b.c, b.targets)[0],
-        rtol=0,
-        atol=0,
-    )
+    got = _grads("triton", b.e, strided, b.targets)[0]
+    # TMA cannot read the strided rows: the Triton forward runs, and gives what it gives on the
+    # contiguous copy, bit for bit; on Hopper the contiguous copy takes the warp-specialized
+    # forward, whose longer accumulation chains round differently in the last bits
+    torch.testing.assert_close(got, _grads("triton", b.e, b.c, b.targets)[0], rtol=1e-6, atol=0)
+    saved, common.HOPPER_FORWARD_BLOCKS = common.HOPPER_FORWARD_BLOCKS, None
+    try:
+        want = _grads("triton", b.e, b.c, b.targets)[0]
+    finally:
+        common.HOPPER_FORWARD_BLOCKS = saved
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("extra", [[], ["--forward-only", "--filter-eps", "0.001"]])

@@ -1,4 +1,4 @@
-"""Warp-specialized forward for Hopper (Gluon): the softmax epilogue runs while the tensor cores don't wait.
+"""Warp-specialized forward for Hopper (Gluon): the tensor cores don't wait for the softmax.
 
 Same contract as `vpcce.kernels.forward` (per-split ``[S, N, 6]`` partials, merged in split order;
 optional per-tile max summary), different schedule. Round 11 (docs/perf.md) found the Triton
@@ -27,7 +27,12 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from vpcce.kernels.common import Blocks
@@ -57,34 +62,60 @@ def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, 
     for t in range(t_begin, t_end):
         for k in range(num_k):
             s = i % stages
-            # an mbarrier starts with its phase-1 wait complete: the first round finds every stage free
+            # an mbarrier starts with its phase-1 wait complete: the first round finds all stages free
             mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
             mbarrier.expect(ready.index(s), nbytes)
-            tma.async_copy_global_to_shared(e_desc, [n0, k * block_d], ready.index(s), e_bufs.index(s))
-            tma.async_copy_global_to_shared(c_desc, [t * block_v, k * block_d], ready.index(s), c_bufs.index(s))
+            tma.async_copy_global_to_shared(
+                e_desc, [n0, k * block_d], ready.index(s), e_bufs.index(s)
+            )
+            tma.async_copy_global_to_shared(
+                c_desc, [t * block_v, k * block_d], ready.index(s), c_bufs.index(s)
+            )
             i += 1
 
 
 @gluon.jit
-def _finish_logits(acc, cols, v0, V, bias_ptr, stride_bias, logit_scale, softcap,
-                   HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
-    """The Triton `logits_tile`'s tail for columns ``v0 + cols``: bias, scale, softcap; -inf past V.
+def _exp2(x):
+    # flush-to-zero: no denormal range fix-up around the MUFU (2^-126 is far below what s can see)
+    return gl.inline_asm_elementwise(
+        "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1
+    )
 
-    Columns are int32 offsets within the tile (registers hold them as constants), not int64 ids.
+
+@gluon.jit
+def _finish_logits(
+    acc,
+    cols,
+    v0,
+    V,
+    bias_ptr,
+    stride_bias,
+    logit_scale,
+    softcap,
+    HAS_BIAS: gl.constexpr,
+    HAS_SOFTCAP: gl.constexpr,
+):
+    """The Triton `logits_tile`'s tail for columns ``v0 + cols``: bias, scale, softcap.
+
+    Columns past V come out exactly 0 (TMA zero-fills their operands, their bias loads as 0):
+    the caller sums them as they are and masks them to -inf only in the last tile. Columns are
+    int32 offsets within the tile (constants in registers), not int64 ids.
     """
-    in_vocab = (cols < V - v0)[None, :]
     if HAS_BIAS:
-        b = gl.load(bias_ptr + (v0 + cols).to(gl.int64) * stride_bias, mask=cols < V - v0, other=0.0)
+        b = gl.load(
+            bias_ptr + (v0 + cols).to(gl.int64) * stride_bias, mask=cols < V - v0, other=0.0
+        )
         acc = acc + b.to(gl.float32)[None, :]
     acc = acc * logit_scale
     if HAS_SOFTCAP:
         acc = softcap * _tanh(acc / softcap)
-    return gl.where(in_vocab, acc, float("-inf"))
+    return acc
 
 
 @gluon.jit
 def _first_max(z, cols):
-    """Per row, the half tile's (NaN-highest) maximum and the first column holding it (torch.argmax)."""
+    """Per row, the half tile's (NaN-highest) maximum and the first column holding it (as
+    torch.argmax)."""
     r = gl.where(z != z, float("inf"), z)
     r_max = gl.max(r, axis=1)
     none: gl.constexpr = 2**31 - 1
@@ -92,37 +123,76 @@ def _first_max(z, cols):
 
 
 @gluon.jit
-def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x, sum_z, z_target):
-    """Add the half tile of columns ``v0 + cols`` to the running sums (already rescaled to ``m_ref``)."""
-    zs = z - m_ref[:, None]  # -inf past V: p = 0 there
-    p = gl.exp(zs)
+def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x_log2, z_target):
+    """Add the half tile of columns ``v0 + cols`` to the running sums (rescaled to ``m_ref``).
+
+    In base 2: ``t = (z - m_ref) log2 e`` (subtracting first: an FFMA against a rounded
+    ``m_ref log2 e`` would shift every ``t`` by up to ``|m| 6e-8``), ``p = 2^t``, and ``x``
+    accumulates ``p t`` (the caller multiplies by ln 2). ``max(t, -256)`` keeps ``0 * -inf``
+    (p = 0 at z = -inf) out of ``x`` while NaN still propagates (``p`` is NaN then).
+    """
+    t = (z - m_ref[:, None]) * 1.4426950408889634
+    p = _exp2(t)
     s_sum += gl.sum(p, axis=1)
-    x += gl.sum(gl.where(p > 0, p * zs, 0.0), axis=1)  # p = 0 at z = -inf: not 0 * -inf
-    sum_z += gl.sum(gl.where((cols < V - v0)[None, :], z, 0.0), axis=1)
+    x_log2 += gl.sum(p * gl.maximum(t, -256.0), axis=1)
     # the target's column in this half, or -1; a target owned by the next shard can fall on a
-    # padding column (z = -inf there), hence the V bound
+    # padding column, hence the V bound
     y_col = y_local - v0
-    y_col = gl.where((y_col >= 0) & (y_col < gl.minimum(V - v0, cols.shape[0])), y_col, -1).to(gl.int32)
+    y_col = gl.where((y_col >= 0) & (y_col < gl.minimum(V - v0, cols.shape[0])), y_col, -1).to(
+        gl.int32
+    )
     z_target += gl.sum(gl.where(cols[None, :] == y_col[:, None], z, 0.0), axis=1)
-    return s_sum, x, sum_z, z_target
+    return s_sum, x_log2, z_target
 
 
 @gluon.jit
-def _consumer(e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
-              N, V, seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k,
-              stride_yb, stride_yt, stride_ps, stride_tmt, stride_bias, logit_scale, softcap,
-              WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, SUMMARY: gl.constexpr):
+def _consumer(
+    e_bufs,
+    c_bufs,
+    ready,
+    empty,
+    bias_ptr,
+    y_ptr,
+    part_ptr,
+    part_int_ptr,
+    tile_max_ptr,
+    N,
+    V,
+    seq_len,
+    vocab_start,
+    n0,
+    pid_s,
+    t_begin,
+    t_end,
+    num_k,
+    stride_yb,
+    stride_yt,
+    stride_ps,
+    stride_tmt,
+    stride_bias,
+    logit_scale,
+    softcap,
+    WG: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+    HAS_SOFTCAP: gl.constexpr,
+    SUMMARY: gl.constexpr,
+    SPLIT: gl.constexpr,
+):
     stages: gl.constexpr = e_bufs.type.shape[0]
     rows: gl.constexpr = e_bufs.type.shape[1] // 2
     half: gl.constexpr = c_bufs.type.shape[1] // 2
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16])
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16]
+    )
     row_layout: gl.constexpr = gl.SliceLayout(1, mma)
     col_layout: gl.constexpr = gl.SliceLayout(0, mma)
 
     n = n0 + WG * rows + gl.arange(0, rows, layout=row_layout)
     n_mask = n < N
     n64 = n.to(gl.int64)
-    y = gl.load(y_ptr + (n64 // seq_len) * stride_yb + (n64 % seq_len) * stride_yt, mask=n_mask, other=-1)
+    y = gl.load(
+        y_ptr + (n64 // seq_len) * stride_yb + (n64 % seq_len) * stride_yt, mask=n_mask, other=-1
+    )
     y_local = y.to(gl.int64) - vocab_start  # outside [0, V) when another shard owns the target
     cols = gl.arange(0, half, layout=col_layout)
 
@@ -136,33 +206,88 @@ def _consumer(e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_
     for t in range(t_begin, t_end):
         acc_lo = gl.zeros([rows, half], gl.float32, mma)
         acc_hi = gl.zeros([rows, half], gl.float32, mma)
-        for k in range(num_k):
-            st = i % stages
-            mbarrier.wait(ready.index(st), (i // stages) & 1)
-            a = e_bufs.index(st).slice(WG * rows, rows)
-            c = c_bufs.index(st)
-            # a fresh chain per K step, rounded into fp32 by an IEEE add (the split accumulation)
-            # (each wgmma's ignored accumulator input is the previous add's result: that orders
-            # the adds before the next wgmma, so one 64-register partial is live, not two)
-            part = warpgroup_mma(a, c.slice(0, half).permute((1, 0)), acc_hi, use_acc=False, is_async=True)
-            part = warpgroup_mma_wait(0, deps=(part, ))
+        for _ in range(0, num_k, SPLIT):
+            # a fresh wgmma chain over SPLIT K steps per half, rounded into the fp32 accumulator by
+            # an IEEE add (split accumulation). Each chain's ignored accumulator input is the
+            # previous add's result: that orders the adds before the next wgmma, so one 64-register
+            # partial is live, not two.
+            for j in gl.static_range(SPLIT):
+                st = (i + j) % stages
+                mbarrier.wait(ready.index(st), ((i + j) // stages) & 1)
+                b = c_bufs.index(st).slice(0, half).permute((1, 0))
+                if j == 0:
+                    part = warpgroup_mma(
+                        e_bufs.index(st).slice(WG * rows, rows),
+                        b,
+                        acc_hi,
+                        use_acc=False,
+                        is_async=True,
+                    )
+                else:
+                    part = warpgroup_mma(
+                        e_bufs.index(st).slice(WG * rows, rows), b, part, is_async=True
+                    )
+            part = warpgroup_mma_wait(0, deps=(part,))
             acc_lo = acc_lo + part
-            part = warpgroup_mma(a, c.slice(half, half).permute((1, 0)), acc_lo, use_acc=False, is_async=True)
-            part = warpgroup_mma_wait(0, deps=(part, ))
+            for j in gl.static_range(SPLIT):
+                st = (i + j) % stages
+                b = c_bufs.index(st).slice(half, half).permute((1, 0))
+                if j == 0:
+                    part = warpgroup_mma(
+                        e_bufs.index(st).slice(WG * rows, rows),
+                        b,
+                        acc_lo,
+                        use_acc=False,
+                        is_async=True,
+                    )
+                else:
+                    part = warpgroup_mma(
+                        e_bufs.index(st).slice(WG * rows, rows), b, part, is_async=True
+                    )
+            part = warpgroup_mma_wait(0, deps=(part,))
             acc_hi = acc_hi + part
-            mbarrier.arrive(empty.index(st), count=1)
-            i += 1
+            for j in gl.static_range(SPLIT):
+                mbarrier.arrive(empty.index((i + j) % stages), count=1)
+            i += SPLIT
 
         # the statistics of `vpcce.kernels.forward`, over the tile's two halves
         v_lo = t * (2 * half)
         v_hi = v_lo + half
-        z_lo = _finish_logits(acc_lo, cols, v_lo, V, bias_ptr, stride_bias, logit_scale, softcap,
-                              HAS_BIAS, HAS_SOFTCAP)
-        z_hi = _finish_logits(acc_hi, cols, v_hi, V, bias_ptr, stride_bias, logit_scale, softcap,
-                              HAS_BIAS, HAS_SOFTCAP)
+        z_lo = _finish_logits(
+            acc_lo,
+            cols,
+            v_lo,
+            V,
+            bias_ptr,
+            stride_bias,
+            logit_scale,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+        )
+        z_hi = _finish_logits(
+            acc_hi,
+            cols,
+            v_hi,
+            V,
+            bias_ptr,
+            stride_bias,
+            logit_scale,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+        )
+        sum_z += gl.sum(z_lo, axis=1) + gl.sum(z_hi, axis=1)  # columns past V are 0 here
+        if v_hi + half > V:  # the last tile: columns past V weigh exp(-inf) = 0 from here on
+            z_lo = gl.where((cols < V - v_lo)[None, :], z_lo, float("-inf"))
+            z_hi = gl.where((cols < V - v_hi)[None, :], z_hi, float("-inf"))
         tile_max = gl.maximum(gl.max(z_lo, axis=1), gl.max(z_hi, axis=1))
         if SUMMARY:
-            gl.store(tile_max_ptr + t * stride_tmt + n, tile_max.to(tile_max_ptr.dtype.element_ty), mask=n_mask)
+            gl.store(
+                tile_max_ptr + t * stride_tmt + n,
+                tile_max.to(tile_max_ptr.dtype.element_ty),
+                mask=n_mask,
+            )
         r_lo, arg_lo = _first_max(z_lo, cols)
         r_hi, arg_hi = _first_max(z_hi, cols)
         tile_arg = gl.where(r_hi > r_lo, arg_hi + v_hi, arg_lo + v_lo)
@@ -174,8 +299,16 @@ def _consumer(e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_
         alpha = gl.exp(m - m_ref)
         x = alpha * (x + delta * s_sum)
         s_sum = s_sum * alpha
-        s_sum, x, sum_z, z_target = _add_half(z_lo, cols, v_lo, V, m_ref, y_local, s_sum, x, sum_z, z_target)
-        s_sum, x, sum_z, z_target = _add_half(z_hi, cols, v_hi, V, m_ref, y_local, s_sum, x, sum_z, z_target)
+        s_tile = gl.zeros_like(s_sum)
+        x_tile = gl.zeros_like(x)
+        s_tile, x_tile, z_target = _add_half(
+            z_lo, cols, v_lo, V, m_ref, y_local, s_tile, x_tile, z_target
+        )
+        s_tile, x_tile, z_target = _add_half(
+            z_hi, cols, v_hi, V, m_ref, y_local, s_tile, x_tile, z_target
+        )
+        s_sum += s_tile
+        x += x_tile * 0.6931471805599453  # back to natural log units
         m = m_new
 
     out = part_ptr + stride_ps * pid_s + n64 * 6
@@ -189,14 +322,41 @@ def _consumer(e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_
 
 
 @gluon.jit
-def _cce_fwd_ws_kernel(e_desc, c_desc, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
-                       N, V, D, seq_len, vocab_start, num_splits, tiles_per_split,
-                       stride_yb, stride_yt, stride_ps, stride_tmt, stride_bias, logit_scale, softcap,
-                       HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, SUMMARY: gl.constexpr,
-                       STAGES: gl.constexpr, GROUP: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+def _cce_fwd_ws_kernel(
+    e_desc,
+    c_desc,
+    bias_ptr,
+    y_ptr,
+    part_ptr,
+    part_int_ptr,
+    tile_max_ptr,
+    N,
+    V,
+    D,
+    seq_len,
+    vocab_start,
+    num_splits,
+    tiles_per_split,
+    stride_yb,
+    stride_yt,
+    stride_ps,
+    stride_tmt,
+    stride_bias,
+    logit_scale,
+    softcap,
+    HAS_BIAS: gl.constexpr,
+    HAS_SOFTCAP: gl.constexpr,
+    SUMMARY: gl.constexpr,
+    STAGES: gl.constexpr,
+    SPLIT: gl.constexpr,
+    GROUP: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
+):
     block_n: gl.constexpr = e_desc.block_type.shape[0]
     block_d: gl.constexpr = e_desc.block_type.shape[1]
     block_v: gl.constexpr = c_desc.block_type.shape[0]
+    gl.static_assert(SPLIT <= STAGES, "a chain's K steps must fit the ring")
     e_bufs = gl.allocate_shared_memory(e_desc.dtype, [STAGES, block_n, block_d], e_desc.layout)
     c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, block_v, block_d], c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -216,18 +376,85 @@ def _cce_fwd_ws_kernel(e_desc, c_desc, bias_ptr, y_ptr, part_ptr, part_int_ptr, 
     n0 = pid_n * block_n
     t_begin = pid_s * tiles_per_split
     t_end = gl.minimum(t_begin + tiles_per_split, gl.cdiv(V, block_v))
-    num_k = gl.cdiv(D, block_d)
-    gl.warp_specialize([
-        (_consumer, (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
-                     N, V, seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k,
-                     stride_yb, stride_yt, stride_ps, stride_tmt, stride_bias, logit_scale, softcap,
-                     _WG0, HAS_BIAS, HAS_SOFTCAP, SUMMARY)),
-        (_consumer, (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
-                     N, V, seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k,
-                     stride_yb, stride_yt, stride_ps, stride_tmt, stride_bias, logit_scale, softcap,
-                     _WG1, HAS_BIAS, HAS_SOFTCAP, SUMMARY)),
-        (_producer, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # K steps, rounded up to whole SPLIT chains: TMA zero-fills the steps past D
+    num_k = gl.cdiv(gl.cdiv(D, block_d), SPLIT) * SPLIT
+    gl.warp_specialize(
+        [
+            (
+                _consumer,
+                (
+                    e_bufs,
+                    c_bufs,
+                    ready,
+                    empty,
+                    bias_ptr,
+                    y_ptr,
+                    part_ptr,
+                    part_int_ptr,
+                    tile_max_ptr,
+                    N,
+                    V,
+                    seq_len,
+                    vocab_start,
+                    n0,
+                    pid_s,
+                    t_begin,
+                    t_end,
+                    num_k,
+                    stride_yb,
+                    stride_yt,
+                    stride_ps,
+                    stride_tmt,
+                    stride_bias,
+                    logit_scale,
+                    softcap,
+                    _WG0,
+                    HAS_BIAS,
+                    HAS_SOFTCAP,
+                    SUMMARY,
+                    SPLIT,
+                ),
+            ),
+            (
+                _consumer,
+                (
+                    e_bufs,
+                    c_bufs,
+                    ready,
+                    empty,
+                    bias_ptr,
+                    y_ptr,
+                    part_ptr,
+                    part_int_ptr,
+                    tile_max_ptr,
+                    N,
+                    V,
+                    seq_len,
+                    vocab_start,
+                    n0,
+                    pid_s,
+                    t_begin,
+                    t_end,
+                    num_k,
+                    stride_yb,
+                    stride_yt,
+                    stride_ps,
+                    stride_tmt,
+                    stride_bias,
+                    logit_scale,
+                    softcap,
+                    _WG1,
+                    HAS_BIAS,
+                    HAS_SOFTCAP,
+                    SUMMARY,
+                    SPLIT,
+                ),
+            ),
+            (_producer, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )
 
 
 def supported(e2: torch.Tensor | None, c: torch.Tensor, cfg: Blocks) -> bool:
@@ -260,8 +487,21 @@ def num_splits(num_tokens: int, num_vocab_tiles: int, cfg: Blocks, sms: int) -> 
     )
 
 
-def launch(e2, c, bias, y2, parts, tile_max, cfg: Blocks, *, seq_len, vocab_start, tiles_per_split,
-           logit_scale, softcap):
+def launch(
+    e2,
+    c,
+    bias,
+    y2,
+    parts,
+    tile_max,
+    cfg: Blocks,
+    *,
+    seq_len,
+    vocab_start,
+    tiles_per_split,
+    logit_scale,
+    softcap,
+):
     """Fill ``parts`` ([S, N, 6]) with the per-split partials (grid: token blocks x S)."""
     n, (v, d) = e2.shape[0], c.shape
     dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
@@ -274,14 +514,35 @@ def launch(e2, c, bias, y2, parts, tile_max, cfg: Blocks, *, seq_len, vocab_star
     bias_arg = bias if bias is not None else c
     splits = parts.shape[0]
     _cce_fwd_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
-        e_desc, c_desc, bias_arg, y2, parts, parts.view(torch.int32),
+        e_desc,
+        c_desc,
+        bias_arg,
+        y2,
+        parts,
+        parts.view(torch.int32),
         tile_max if tile_max is not None else parts,
-        n, v, d, seq_len, vocab_start, splits, tiles_per_split,
-        y2.stride(0), y2.stride(1), parts.stride(0),
-        tile_max.stride(0) if tile_max is not None else 0, bias_arg.stride(0),
-        float(logit_scale), float(softcap or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, SUMMARY=tile_max is not None,
-        STAGES=cfg.stages, GROUP=GROUP, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        n,
+        v,
+        d,
+        seq_len,
+        vocab_start,
+        splits,
+        tiles_per_split,
+        y2.stride(0),
+        y2.stride(1),
+        parts.stride(0),
+        tile_max.stride(0) if tile_max is not None else 0,
+        bias_arg.stride(0),
+        float(logit_scale),
+        float(softcap or 1.0),
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        SUMMARY=tile_max is not None,
+        STAGES=cfg.stages,
+        SPLIT=cfg.split_every,
+        GROUP=GROUP,
+        CONSUMER_REGS=CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS,
         num_warps=4,
         # 3 warpgroups (2 consumers, the producer's) share the register file: 65536 / 384 threads
         maxnreg=168,

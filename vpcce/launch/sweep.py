@@ -46,11 +46,17 @@ HOPPER = common.HOPPER_FORWARD_BLOCKS
 # name -> (Triton forward tiles, warp-specialized Hopper tiles or None for the Triton kernel,
 # vocabulary splits: None = the default heuristic)
 FORWARD_VARIANTS = {
-    "hopper ws 128x256 s4 (default)": (FWD, HOPPER, None),
-    "hopper ws 128x256 s4, 8 splits": (FWD, HOPPER, 8),
-    "hopper ws 128x256 s3": (FWD, replace(HOPPER, stages=3), None),
+    "hopper ws 128x256 s4, chains of 2 K steps (default)": (FWD, HOPPER, None),
+    "hopper ws, chains of 2, 3 stages": (FWD, replace(HOPPER, stages=3), None),
+    "hopper ws, chains of 2, 8 splits": (FWD, HOPPER, 8),
+    "hopper ws, chains of 1 K step": (FWD, replace(HOPPER, split_every=1), None),
+    "hopper ws, chains of 4 K steps": (FWD, replace(HOPPER, split_every=4), None),
     "triton 64x256 w8 s4, split (round 11 default)": (FWD, None, None),
-    "triton 256x128 w8 s3, chained": (replace(FWD, n=256, v=128, stages=3, split_acc=False), None, None),
+    "triton 256x128 w8 s3, chained": (
+        replace(FWD, n=256, v=128, stages=3, split_acc=False),
+        None,
+        None,
+    ),
 }
 # name -> (backward tiles, max scratch recompute fraction (0: no scratch, hi/lo), forward tiles)
 SCRATCH = grad_e.MAX_RECOMPUTE
