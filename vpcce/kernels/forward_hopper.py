@@ -62,7 +62,7 @@ def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, 
     for t in range(t_begin, t_end):
         for k in range(num_k):
             s = i % stages
-            # an mbarrier starts with its phase-1 wait complete: the first round finds all stages free
+            # a fresh mbarrier counts as past phase 1: the first round finds every stage free
             mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
             mbarrier.expect(ready.index(s), nbytes)
             tma.async_copy_global_to_shared(
