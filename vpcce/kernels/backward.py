@@ -33,6 +33,7 @@ from vpcce.kernels.common import (
     blocks,
     dot_precision,
     even_d,
+    hopper_backward_blocks,
     logits_tile,
     plain_matrix,
     row_offsets,
@@ -244,6 +245,19 @@ def chunk_work(
     return out
 
 
+def _hopper_dlogits(e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, exact: bool):
+    """(`vpcce.kernels.backward_hopper`, its tiles) when that kernel takes this backward: exact
+    (no filter flags, no plan), no bias, and operands TMA can address; else None."""
+    cfg = hopper_backward_blocks()
+    if cfg is None or not exact or c.device.type != "cuda" or cfg.v != blocks(c.dtype).v:
+        return None
+    try:
+        from vpcce.kernels import backward_hopper
+    except ImportError:  # a Triton without Gluon's Hopper API
+        return None
+    return (backward_hopper, cfg) if backward_hopper.supported(e2, c, dz, cfg) else None
+
+
 def backward(
     layout: TokenLayout,
     grad_e3: torch.Tensor,
@@ -337,7 +351,18 @@ def backward(
     # copy E): 0.068 ms vs 0.20 ms for `grad_matmul` per 8192 x 2304 x 1280 chunk (H100)
     e2d = plain_matrix(layout.e3) if c.device.type == "cuda" else None
 
+    hopper = _hopper_dlogits(plain_matrix(layout.e3), c, dz, bias is None and not flagged)
+
     def dlogits(v0: int, cl: int, work: ChunkWork):
+        if hopper is not None:
+            module, hopper_cfg = hopper
+            module.launch(
+                plain_matrix(layout.e3), c, layout.y2, dz, lse, g_nll, g_lse, hopper_cfg,
+                seq_len=layout.seq_len, chunk_begin=v0, chunk_len=cl, vocab_start=vocab_start,
+                target_weight=target_weight, uniform_weight=uniform_weight,
+                logit_scale=logit_scale, softcap=softcap,
+            )  # fmt: skip
+            return
         _cce_dlogits_kernel[(token_blocks * triton.cdiv(cl, cfg.v),)](
             e_desc if tma else layout.e3,
             c_desc if tma else c,

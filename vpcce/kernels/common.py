@@ -87,6 +87,19 @@ HOPPER_FORWARD_BLOCKS: Blocks | None = Blocks(
     split_acc=True,
     split_every=2,
 )
+# H100, bf16 (round 13): the warp-specialized Gluon dlogits kernel (`vpcce.kernels.backward_hopper`)
+# for the exact backward without a bias, where TMA can read the operands and write dz: the
+# backward's 128 x 256 tiles, chained accumulation, 3 ring stages + two 32 KB dz store buffers.
+HOPPER_BACKWARD_BLOCKS: Blocks | None = Blocks(
+    n=128,
+    v=256,
+    d=64,
+    gemm_n=128,
+    gemm_k=64,
+    warps=4,
+    stages=3,
+    gemm_stages=3,
+)
 # Backward (dlogits recompute, Triton gradient GEMMs, filter tiles): dz = p - q needs the logits
 # only to ~1e-5 relative next to its 16-bit rounding, so the chained accumulator is exact enough
 # (dE / dC errors unchanged at 2 digits) and frees the registers for 128 x 256 tiles: Gemma
@@ -130,6 +143,11 @@ def forward_blocks(dtype: torch.dtype | None = None) -> Blocks:
 def hopper_forward_blocks() -> Blocks | None:
     """Tiles of the warp-specialized Hopper forward; None where it is off or interpreting."""
     return None if interpreting() else HOPPER_FORWARD_BLOCKS
+
+
+def hopper_backward_blocks() -> Blocks | None:
+    """Tiles of the warp-specialized Hopper dlogits kernel; None where it is off or interpreting."""
+    return None if interpreting() else HOPPER_BACKWARD_BLOCKS
 
 
 def even_d(d: int, cfg: Blocks) -> bool:

@@ -53,7 +53,8 @@ def _tanh(x):
 
 
 @gluon.jit
-def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k):
+def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k, v0):
+    """Stream ``E[n0:, k]`` and ``C[v0 + t * block_v:, k]`` slices into the ring, tile by tile."""
     stages: gl.constexpr = e_bufs.type.shape[0]
     block_d: gl.constexpr = e_desc.block_type.shape[1]
     block_v: gl.constexpr = c_desc.block_type.shape[0]
@@ -69,7 +70,7 @@ def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, 
                 e_desc, [n0, k * block_d], ready.index(s), e_bufs.index(s)
             )
             tma.async_copy_global_to_shared(
-                c_desc, [t * block_v, k * block_d], ready.index(s), c_bufs.index(s)
+                c_desc, [v0 + t * block_v, k * block_d], ready.index(s), c_bufs.index(s)
             )
             i += 1
 
@@ -378,6 +379,7 @@ def _cce_fwd_ws_kernel(
     t_end = gl.minimum(t_begin + tiles_per_split, gl.cdiv(V, block_v))
     # K steps, rounded up to whole SPLIT chains: TMA zero-fills the steps past D
     num_k = gl.cdiv(gl.cdiv(D, block_d), SPLIT) * SPLIT
+    first_row = gl.to_tensor(0)  # the whole shard (the backward's producer starts at a chunk)
     gl.warp_specialize(
         [
             (
@@ -450,11 +452,15 @@ def _cce_fwd_ws_kernel(
                     SPLIT,
                 ),
             ),
-            (_producer, (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k)),
+            (
+                _producer,
+                (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,
+                 first_row),
+            ),
         ],
         [4, 1],
         [CONSUMER_REGS, PRODUCER_REGS],
-    )
+    )  # fmt: skip
 
 
 def supported(e2: torch.Tensor | None, c: torch.Tensor, cfg: Blocks) -> bool:

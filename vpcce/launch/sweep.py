@@ -58,19 +58,14 @@ FORWARD_VARIANTS = {
         None,
     ),
 }
-# name -> (backward tiles, max scratch recompute fraction (0: no scratch, hi/lo), forward tiles)
+# name -> (backward tiles, max scratch recompute fraction (0: no scratch, hi/lo), forward tiles,
+# warp-specialized Hopper dlogits tiles or None for the Triton kernel)
 SCRATCH = grad_e.MAX_RECOMPUTE
+HOPPER_BWD = common.HOPPER_BACKWARD_BLOCKS
 BACKWARD_VARIANTS = {
-    "round 8: 128x128 split tiles": (ROUND8, SCRATCH, FWD),
-    "128x256 s3 chained, group 8 (default)": (BWD, SCRATCH, FWD),
-    "256x128 s3 chained": (replace(BWD, n=256, v=128), SCRATCH, FWD),
-    "128x256 s3 chained, group 4": (replace(BWD, group_n=4), SCRATCH, FWD),
-    "128x256 s3 chained, group 16": (replace(BWD, group_n=16), SCRATCH, FWD),
-    "default + forward 256x128 w8 chained": (
-        BWD,
-        SCRATCH,
-        replace(FWD, n=256, v=128, stages=3, split_acc=False),
-    ),
+    "hopper ws dlogits 128x256 s3 (default)": (BWD, SCRATCH, FWD, HOPPER_BWD),
+    "hopper ws dlogits, 2 stages": (BWD, SCRATCH, FWD, replace(HOPPER_BWD, stages=2)),
+    "triton dlogits 128x256 s3 chained, group 8 (round 11 default)": (BWD, SCRATCH, FWD, None),
 }
 
 
@@ -87,28 +82,30 @@ FILTER_VARIANTS = {
 
 
 @contextmanager
-def variant(forward=None, backward=None, max_recompute=None, hopper=HOPPER):
+def variant(
+    forward=None, backward=None, max_recompute=None, hopper=HOPPER, hopper_backward=HOPPER_BWD
+):
     """Temporarily swap the module-level tile tables / scratch threshold the kernels read
-    (``hopper=None``: the Triton forward even where the warp-specialized one runs)."""
-    saved = (
-        common.GPU_FORWARD_BLOCKS,
-        common.GPU_BLOCKS,
-        grad_e.MAX_RECOMPUTE,
-        common.HOPPER_FORWARD_BLOCKS,
+    (``hopper=None`` / ``hopper_backward=None``: the Triton kernels even where the
+    warp-specialized ones run)."""
+    names = (
+        "GPU_FORWARD_BLOCKS",
+        "GPU_BLOCKS",
+        "HOPPER_FORWARD_BLOCKS",
+        "HOPPER_BACKWARD_BLOCKS",
     )
-    common.GPU_FORWARD_BLOCKS = forward or saved[0]
-    common.GPU_BLOCKS = backward or saved[1]
-    grad_e.MAX_RECOMPUTE = saved[2] if max_recompute is None else max_recompute
-    common.HOPPER_FORWARD_BLOCKS = hopper
+    saved = [getattr(common, name) for name in names]
+    saved_recompute = grad_e.MAX_RECOMPUTE
+    for name, value in zip(names, (forward or saved[0], backward or saved[1], hopper,
+                                   hopper_backward), strict=True):  # fmt: skip
+        setattr(common, name, value)
+    grad_e.MAX_RECOMPUTE = saved_recompute if max_recompute is None else max_recompute
     try:
         yield
     finally:
-        (
-            common.GPU_FORWARD_BLOCKS,
-            common.GPU_BLOCKS,
-            grad_e.MAX_RECOMPUTE,
-            common.HOPPER_FORWARD_BLOCKS,
-        ) = saved
+        for name, value in zip(names, saved, strict=True):
+            setattr(common, name, value)
+        grad_e.MAX_RECOMPUTE = saved_recompute
 
 
 @contextmanager
@@ -170,8 +167,11 @@ def sweep_forward(e, c, y) -> list[dict]:
 def sweep_backward(e, c, y) -> list[dict]:
     t_loss, t_de, t_dc = truth(e, c, y)
     rows = []
-    for name, (cfg, max_recompute, fwd) in BACKWARD_VARIANTS.items():
-        with variant(fwd, cfg, max_recompute), failure_noted(rows, name):
+    for name, (cfg, max_recompute, fwd, hopper_bwd) in BACKWARD_VARIANTS.items():
+        with (
+            variant(fwd, cfg, max_recompute, hopper_backward=hopper_bwd),
+            failure_noted(rows, name),
+        ):
             loss, de, dc = fwd_bwd(vpcce_loss, e, c, y)
             again = fwd_bwd(vpcce_loss, e, c, y)
             rows.append(

@@ -1,0 +1,225 @@
+"""Warp-specialized dlogits for Hopper (Gluon): the exact backward's recompute at tensor-core speed.
+
+Same contract as `vpcce.kernels.backward`'s ``_cce_dlogits_kernel`` for the exact mode without a
+bias (no filter flags, no plan, no bias column sums): ``dz[:, j] = dL/dz`` of vocabulary row
+``chunk_begin + j`` for every token, in the input dtype. Round 11 (docs/perf.md) found the Triton
+kernel at 67% tensor-pipe use with 14k register spills per chunk. Here, as in
+`vpcce.kernels.forward_hopper`, a producer warp streams ``E`` and ``C`` K-slices through a TMA
+ring and two consumer warpgroups own 64 of a program's 128 token rows each, so one's epilogue
+runs under the other's wgmmas. The logits only need ~1e-5 relative accuracy here (``dz`` is
+rounded to 16 bits and ``p`` uses the forward's LSE), so each 64 x 256 tile accumulates in one
+wgmma chain (128 registers, no split accumulation). Each warpgroup writes its ``dz`` tile through
+shared memory and a TMA store, which clips the chunk's last columns and the last token rows.
+
+GPU-only (Gluon has no interpreter); `supported` says when the backward uses it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from vpcce.kernels.common import Blocks
+from vpcce.kernels.forward_hopper import (
+    CONSUMER_REGS,
+    GROUP,
+    PRODUCER_REGS,
+    _exp2,
+    _finish_logits,
+    _producer,
+    num_splits,
+)
+
+_ROWS = 64  # token rows per consumer warpgroup (the wgmma M)
+_WG0 = gl.constexpr(0)
+_WG1 = gl.constexpr(1)
+
+
+@gluon.jit
+def _dlogits_consumer(
+    e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
+    N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k,
+    stride_yb, stride_yt, logit_scale, softcap, target_weight, uniform_weight,
+    WG: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_GLSE: gl.constexpr,
+):  # fmt: skip
+    stages: gl.constexpr = e_bufs.type.shape[0]
+    rows: gl.constexpr = e_bufs.type.shape[1] // 2
+    cols_n: gl.constexpr = c_bufs.type.shape[1]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, cols_n, 16]
+    )
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma)
+    col_layout: gl.constexpr = gl.SliceLayout(0, mma)
+    dz_smem = dz_bufs.index(WG)
+
+    n = n0 + WG * rows + gl.arange(0, rows, layout=row_layout)
+    n_mask = n < N
+    n64 = n.to(gl.int64)
+    y = gl.load(
+        y_ptr + (n64 // seq_len) * stride_yb + (n64 % seq_len) * stride_yt, mask=n_mask, other=-1
+    )
+    y_local = y.to(gl.int64) - vocab_start
+    lse = gl.load(lse_ptr + n, mask=n_mask, other=0.0)
+    g = gl.load(g_nll_ptr + n, mask=n_mask, other=0.0)
+    g_p = g
+    if HAS_GLSE:
+        g_p = g + gl.load(g_lse_ptr + n, mask=n_mask, other=0.0)
+    lse_log2 = lse * 1.4426950408889634
+    cols = gl.arange(0, cols_n, layout=col_layout)
+
+    i = 0
+    for t in range(t_begin, t_end):
+        acc = gl.zeros([rows, cols_n], gl.float32, mma)
+        for k in range(num_k):
+            st = i % stages
+            mbarrier.wait(ready.index(st), (i // stages) & 1)
+            acc = warpgroup_mma(
+                e_bufs.index(st).slice(WG * rows, rows),
+                c_bufs.index(st).permute((1, 0)),
+                acc,
+                use_acc=k > 0,
+                is_async=True,
+            )
+            # the previous step's wgmma is done: its stage goes back to the producer
+            acc = warpgroup_mma_wait(1, deps=(acc,))
+            mbarrier.arrive(empty.index((i + stages - 1) % stages), count=1, pred=k > 0)
+            i += 1
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index((i + stages - 1) % stages), count=1)
+
+        # dz = (g + g_lse) p - g q, q = target_weight [v = y] + uniform_weight, times the
+        # softcap and scale derivatives (the Triton kernel's epilogue, in base 2 for the exp)
+        j0 = t * cols_n
+        z = _finish_logits(
+            acc, cols, chunk_begin + j0, chunk_begin + chunk_len, acc, 0, logit_scale, softcap,
+            False, HAS_SOFTCAP,
+        )  # fmt: skip
+        p = _exp2(z * 1.4426950408889634 - lse_log2[:, None])
+        y_col = y_local - (chunk_begin + j0)
+        y_col = gl.where((y_col >= 0) & (y_col < cols_n), y_col, -1).to(gl.int32)
+        q = gl.where(cols[None, :] == y_col[:, None], target_weight, 0.0) + uniform_weight
+        dz = g_p[:, None] * p - g[:, None] * q
+        if HAS_SOFTCAP:
+            tz = z / softcap
+            dz = dz * (1.0 - tz * tz)
+        dz = dz * logit_scale
+        tma.store_wait(0)  # this warpgroup's previous tile has left shared memory
+        dz_smem.store(dz.to(dz_smem.dtype))
+        fence_async_shared()
+        # TMA clips the columns past the chunk and the rows past N
+        tma.async_copy_shared_to_global(dz_desc, [n0 + WG * rows, j0], dz_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _cce_dlogits_ws_kernel(
+    e_desc, c_desc, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
+    N, D, seq_len, vocab_start, chunk_begin, chunk_len, num_splits, tiles_per_split,
+    stride_yb, stride_yt, logit_scale, softcap, target_weight, uniform_weight,
+    HAS_SOFTCAP: gl.constexpr, HAS_GLSE: gl.constexpr, STAGES: gl.constexpr,
+    GROUP: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):  # fmt: skip
+    block_n: gl.constexpr = e_desc.block_type.shape[0]
+    block_d: gl.constexpr = e_desc.block_type.shape[1]
+    block_v: gl.constexpr = c_desc.block_type.shape[0]
+    e_bufs = gl.allocate_shared_memory(e_desc.dtype, [STAGES, block_n, block_d], e_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, block_v, block_d], c_desc.layout)
+    dz_shape: gl.constexpr = [2] + dz_desc.block_type.shape  # one store buffer per warpgroup
+    dz_bufs = gl.allocate_shared_memory(dz_desc.dtype, dz_shape, dz_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a stage
+
+    # grouped order, as in the forward: a wave shares ~GROUP token blocks' rows of E in L2
+    pid = gl.program_id(0)
+    group_size = GROUP * num_splits
+    first_block = (pid // group_size) * GROUP
+    blocks_in_group = gl.minimum(gl.cdiv(N, block_n) - first_block, GROUP)
+    pid_n = first_block + (pid % group_size) % blocks_in_group
+    pid_s = (pid % group_size) // blocks_in_group
+    n0 = pid_n * block_n
+    t_begin = pid_s * tiles_per_split
+    t_end = gl.minimum(t_begin + tiles_per_split, gl.cdiv(chunk_len, block_v))
+    num_k = gl.cdiv(D, block_d)
+    gl.warp_specialize(
+        [
+            (
+                _dlogits_consumer,
+                (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr,
+                 g_lse_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end,
+                 num_k, stride_yb, stride_yt, logit_scale, softcap, target_weight, uniform_weight,
+                 _WG0, HAS_SOFTCAP, HAS_GLSE),
+            ),
+            (
+                _dlogits_consumer,
+                (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr,
+                 g_lse_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end,
+                 num_k, stride_yb, stride_yt, logit_scale, softcap, target_weight, uniform_weight,
+                 _WG1, HAS_SOFTCAP, HAS_GLSE),
+            ),
+            (
+                _producer,
+                (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,
+                 chunk_begin),
+            ),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )  # fmt: skip
+
+
+def supported(
+    e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, cfg: Blocks | None
+) -> bool:
+    """True on Hopper for 16-bit operands and a ``dz`` buffer that TMA can address."""
+    if cfg is None or e2 is None or c.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(c.device)[0] != 9 or cfg.n != 2 * _ROWS:
+        return False
+    if c.dtype not in (torch.bfloat16, torch.float16) or e2.dtype != c.dtype:
+        return False
+    return all(
+        x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+        for x in (e2, c, dz)
+    )
+
+
+def launch(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, chunk_begin, chunk_len,
+           vocab_start, target_weight, uniform_weight, logit_scale, softcap):  # fmt: skip
+    """Write ``dz[:, :chunk_len]`` of the chunk starting at vocabulary row ``chunk_begin``."""
+    n, d = e2.shape
+    dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
+    e_desc = TensorDescriptor.from_tensor(
+        e2, [cfg.n, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.n, cfg.d], dtype)
+    )
+    c_desc = TensorDescriptor.from_tensor(
+        c, [cfg.v, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.v, cfg.d], dtype)
+    )
+    out = dz[:, :chunk_len]  # TMA clips the store at the chunk's last column
+    dz_desc = TensorDescriptor.from_tensor(
+        out, [_ROWS, cfg.v], gl.NVMMASharedLayout.get_default_for([_ROWS, cfg.v], dtype)
+    )
+    tiles = triton.cdiv(chunk_len, cfg.v)
+    sms = torch.cuda.get_device_properties(c.device).multi_processor_count
+    splits = num_splits(n, tiles, cfg, sms)
+    _cce_dlogits_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
+        e_desc, c_desc, dz_desc, y2, lse, g_nll, g_lse if g_lse is not None else lse,
+        n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, triton.cdiv(tiles, splits),
+        y2.stride(0), y2.stride(1), float(logit_scale), float(softcap or 1.0),
+        float(target_weight), float(uniform_weight),
+        HAS_SOFTCAP=softcap is not None, HAS_GLSE=g_lse is not None, STAGES=cfg.stages,
+        GROUP=GROUP, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4, maxnreg=168,
+    )  # fmt: skip
