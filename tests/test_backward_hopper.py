@@ -59,9 +59,9 @@ def test_matches_triton_dlogits(case, monkeypatch):
     y = torch.randint(0, v, (n,), device="cuda", generator=g)
     y[::7] = -100
     calls = []
-    launch = backward_hopper.launch
+    launcher = backward_hopper.launcher
     monkeypatch.setattr(
-        backward_hopper, "launch", lambda *a, **k: calls.append(1) or launch(*a, **k)
+        backward_hopper, "launcher", lambda *a, **k: calls.append(1) or launcher(*a, **k)
     )
     got = _grads(e, c, y, common.HOPPER_BACKWARD_BLOCKS, **case["kw"])
     assert calls  # the Hopper kernel ran
@@ -75,7 +75,7 @@ def test_matches_triton_dlogits(case, monkeypatch):
 def test_bias_and_filtering_keep_the_triton_kernel(monkeypatch):
     _hopper_or_skip()
     calls = []
-    monkeypatch.setattr(backward_hopper, "launch", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(backward_hopper, "launcher", lambda *a, **k: calls.append(1))
     e = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     c = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     bias = torch.zeros(512, device="cuda", dtype=torch.bfloat16, requires_grad=True)

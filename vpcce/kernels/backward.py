@@ -352,16 +352,17 @@ def backward(
     e2d = plain_matrix(layout.e3) if c.device.type == "cuda" else None
 
     hopper = _hopper_dlogits(plain_matrix(layout.e3), c, dz, bias is None and not flagged)
+    if hopper is not None:
+        module, hopper_cfg = hopper
+        hopper_dlogits = module.launcher(
+            plain_matrix(layout.e3), c, layout.y2, dz, lse, g_nll, g_lse, hopper_cfg,
+            seq_len=layout.seq_len, vocab_start=vocab_start, target_weight=target_weight,
+            uniform_weight=uniform_weight, logit_scale=logit_scale, softcap=softcap,
+        )  # fmt: skip
 
     def dlogits(v0: int, cl: int, work: ChunkWork):
         if hopper is not None:
-            module, hopper_cfg = hopper
-            module.launch(
-                plain_matrix(layout.e3), c, layout.y2, dz, lse, g_nll, g_lse, hopper_cfg,
-                seq_len=layout.seq_len, chunk_begin=v0, chunk_len=cl, vocab_start=vocab_start,
-                target_weight=target_weight, uniform_weight=uniform_weight,
-                logit_scale=logit_scale, softcap=softcap,
-            )  # fmt: skip
+            hopper_dlogits(v0, cl)
             return
         _cce_dlogits_kernel[(token_blocks * triton.cdiv(cl, cfg.v),)](
             e_desc if tma else layout.e3,

@@ -196,9 +196,13 @@ def supported(
     )
 
 
-def launch(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, chunk_begin, chunk_len,
-           vocab_start, target_weight, uniform_weight, logit_scale, softcap):  # fmt: skip
-    """Write ``dz[:, :chunk_len]`` of the chunk starting at vocabulary row ``chunk_begin``."""
+def launcher(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_start,
+             target_weight, uniform_weight, logit_scale, softcap):  # fmt: skip
+    """``dlogits(chunk_begin, chunk_len)``: write ``dz[:, :chunk_len]`` of that chunk.
+
+    The operands' TMA descriptors and the launch arguments are built once per backward, not
+    per chunk (a backward launches ~70 chunks).
+    """
     n, d = e2.shape
     dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
     e_desc = TensorDescriptor.from_tensor(
@@ -207,19 +211,29 @@ def launch(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, chunk_begi
     c_desc = TensorDescriptor.from_tensor(
         c, [cfg.v, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.v, cfg.d], dtype)
     )
-    out = dz[:, :chunk_len]  # TMA clips the store at the chunk's last column
-    dz_desc = TensorDescriptor.from_tensor(
-        out, [_ROWS, cfg.v], gl.NVMMASharedLayout.get_default_for([_ROWS, cfg.v], dtype)
-    )
-    tiles = triton.cdiv(chunk_len, cfg.v)
+    dz_layout = gl.NVMMASharedLayout.get_default_for([_ROWS, cfg.v], dtype)
     sms = torch.cuda.get_device_properties(c.device).multi_processor_count
-    splits = num_splits(n, tiles, cfg, sms)
-    _cce_dlogits_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
-        e_desc, c_desc, dz_desc, y2, lse, g_nll, g_lse if g_lse is not None else lse,
-        n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, triton.cdiv(tiles, splits),
-        y2.stride(0), y2.stride(1), float(logit_scale), float(softcap or 1.0),
-        float(target_weight), float(uniform_weight),
+    scalars = (logit_scale, softcap or 1.0, target_weight, uniform_weight)
+    scalars = tuple(float(x) for x in scalars)
+    flags = dict(
         HAS_SOFTCAP=softcap is not None, HAS_GLSE=g_lse is not None, STAGES=cfg.stages,
         GROUP=GROUP, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=4, maxnreg=168,
     )  # fmt: skip
+    dz_descs = {}
+
+    def dlogits(chunk_begin: int, chunk_len: int) -> None:
+        if chunk_len not in dz_descs:  # TMA clips the store at the chunk's last column
+            dz_descs[chunk_len] = TensorDescriptor.from_tensor(
+                dz[:, :chunk_len], [_ROWS, cfg.v], dz_layout
+            )
+        tiles = triton.cdiv(chunk_len, cfg.v)
+        splits = num_splits(n, tiles, cfg, sms)
+        _cce_dlogits_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
+            e_desc, c_desc, dz_descs[chunk_len], y2, lse, g_nll,
+            g_lse if g_lse is not None else lse,
+            n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, triton.cdiv(tiles, splits),
+            y2.stride(0), y2.stride(1), *scalars, **flags,
+        )  # fmt: skip
+
+    return dlogits
