@@ -31,6 +31,12 @@ def test_num_splits_fills_whole_waves(tokens, tiles, want):
     assert splits >= min(tiles, 132 // forward_hopper.GROUP)
 
 
+def test_num_splits_where_e_fits_in_l2():
+    # the Gemma backward's chunk: 64 token blocks x 14 tiles, one wave of 2 splits x 7 tiles
+    assert forward_hopper.num_splits(8192, 14, HOPPER, sms=132, e_in_l2=True) == 2
+    assert forward_hopper.num_splits(8192, 14, HOPPER, sms=132) == 14
+
+
 def _hopper_or_skip():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("needs a Hopper GPU")

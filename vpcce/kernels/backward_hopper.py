@@ -212,7 +212,12 @@ def launcher(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_st
         c, [cfg.v, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.v, cfg.d], dtype)
     )
     dz_layout = gl.NVMMASharedLayout.get_default_for([_ROWS, cfg.v], dtype)
-    sms = torch.cuda.get_device_properties(c.device).multi_processor_count
+    props = torch.cuda.get_device_properties(c.device)
+    sms = props.multi_processor_count
+    # a chunk's programs re-read E per vocabulary tile: where E fits in L2, a few long programs
+    # (Gemma: 2 splits x 7 tiles, one wave, -1.8 ms fw+bw); else ~GROUP token blocks per wave
+    # (Llama: E is 134 MB; 1 split x 7 tiles took +6 ms, round 13)
+    e_in_l2 = e2.numel() * e2.element_size() <= props.L2_cache_size
     scalars = (logit_scale, softcap or 1.0, target_weight, uniform_weight)
     scalars = tuple(float(x) for x in scalars)
     flags = dict(
@@ -228,7 +233,10 @@ def launcher(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_st
                 dz[:, :chunk_len], [_ROWS, cfg.v], dz_layout
             )
         tiles = triton.cdiv(chunk_len, cfg.v)
-        splits = num_splits(n, tiles, cfg, sms)
+        if cfg.tiles_per_program is None:
+            splits = num_splits(n, tiles, cfg, sms, e_in_l2)
+        else:
+            splits = min(num_splits(n, tiles, cfg, sms), triton.cdiv(tiles, cfg.tiles_per_program))
         _cce_dlogits_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
             e_desc, c_desc, dz_descs[chunk_len], y2, lse, g_nll,
             g_lse if g_lse is not None else lse,

@@ -52,6 +52,9 @@ class Blocks:
     flatten: bool = False  # pipeline the forward's vocab-tile and K loops as one loop
     group_n: int = 8  # token blocks that walk a backward chunk's tiles together (L2 reuse)
     warp_specialize: bool = False  # producer/consumer warps for the forward's vocab-tile loop
+    # Hopper dlogits: at least this many consecutive vocabulary tiles per program (one tile's
+    # epilogue overlaps the next one's wgmmas); None: as `forward_hopper.num_splits` picks
+    tiles_per_program: int | None = None
 
 
 # H100, bf16, 2026-11-25 (docs/perf.md rounds 8-9). Forward (the loss and LSE): 64 x 256 tiles,

@@ -7,7 +7,8 @@
 Each step runs ``e @ c.T`` (the floor), then `vpcce.linear_cross_entropy` forward and backward on
 LM-like peaked data (`vpcce.launch.data`), inside an NVTX range ``step<i>``, so ncu can pick a
 step after the first, which compiles the Triton kernels (with ``--forward-only``: one GEMM and one
-``_cce_fwd_kernel`` per step). The backward launches one ``_cce_dlogits_kernel`` and cuBLAS GEMMs
+``_cce_fwd_kernel``, ``_cce_fwd_ws_kernel`` on Hopper, per step). The backward launches one
+``_cce_dlogits_kernel`` (``_cce_dlogits_ws_kernel``) and cuBLAS GEMMs
 per vocabulary chunk from autograd's device thread, outside the NVTX range: pick its kernels with
 ``--launch-skip``. It prints each step's times (CUDA events; under ncu they include its replays).
 """

@@ -63,8 +63,24 @@ FORWARD_VARIANTS = {
 SCRATCH = grad_e.MAX_RECOMPUTE
 HOPPER_BWD = common.HOPPER_BACKWARD_BLOCKS
 BACKWARD_VARIANTS = {
-    "hopper ws dlogits 128x256 s3 (default)": (BWD, SCRATCH, FWD, HOPPER_BWD),
-    "hopper ws dlogits, 2 stages": (BWD, SCRATCH, FWD, replace(HOPPER_BWD, stages=2)),
+    "hopper ws dlogits 128x256 s3 (default: few splits where E fits in L2)": (
+        BWD,
+        SCRATCH,
+        FWD,
+        HOPPER_BWD,
+    ),
+    "hopper ws dlogits, >= SMs / 16 splits (round 13 first)": (
+        BWD,
+        SCRATCH,
+        FWD,
+        replace(HOPPER_BWD, tiles_per_program=1),
+    ),
+    "hopper ws dlogits, >= 7 tiles per program": (
+        BWD,
+        SCRATCH,
+        FWD,
+        replace(HOPPER_BWD, tiles_per_program=7),
+    ),
     "triton dlogits 128x256 s3 chained, group 8 (round 11 default)": (BWD, SCRATCH, FWD, None),
 }
 
