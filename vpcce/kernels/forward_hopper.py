@@ -54,23 +54,32 @@ def _tanh(x):
 
 @gluon.jit
 def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k, v0):
-    """Stream ``E[n0:, k]`` and ``C[v0 + t * block_v:, k]`` slices into the ring, tile by tile."""
+    """Stream ``E[n0:, k]`` and ``C[v0 + t * block_v:, k]`` slices into the ring, tile by tile.
+
+    The ring has ``stages`` K-step slots and one ``ready`` / ``empty`` mbarrier pair per group of
+    ``stages / len(ready)`` consecutive slots (a consumer's accumulation chain): fewer barriers,
+    and each costs the consumer warpgroups a named barrier (round 14).
+    """
     stages: gl.constexpr = e_bufs.type.shape[0]
+    groups: gl.constexpr = ready.type.shape[0]
+    per_group: gl.constexpr = stages // groups
     block_d: gl.constexpr = e_desc.block_type.shape[1]
     block_v: gl.constexpr = c_desc.block_type.shape[0]
-    nbytes: gl.constexpr = e_desc.block_type.nbytes + c_desc.block_type.nbytes
+    nbytes: gl.constexpr = per_group * (e_desc.block_type.nbytes + c_desc.block_type.nbytes)
     i = 0
     for t in range(t_begin, t_end):
         for k in range(num_k):
             s = i % stages
-            # a fresh mbarrier counts as past phase 1: the first round finds every stage free
-            mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), nbytes)
+            g = (i // per_group) % groups
+            first = i % per_group == 0
+            # a fresh mbarrier counts as past phase 1: the first round finds every group free
+            mbarrier.wait(empty.index(g), (((i // per_group) // groups) & 1) ^ 1, pred=first)
+            mbarrier.expect(ready.index(g), nbytes, pred=first)
             tma.async_copy_global_to_shared(
-                e_desc, [n0, k * block_d], ready.index(s), e_bufs.index(s)
+                e_desc, [n0, k * block_d], ready.index(g), e_bufs.index(s)
             )
             tma.async_copy_global_to_shared(
-                c_desc, [v0 + t * block_v, k * block_d], ready.index(s), c_bufs.index(s)
+                c_desc, [v0 + t * block_v, k * block_d], ready.index(g), c_bufs.index(s)
             )
             i += 1
 
@@ -180,6 +189,7 @@ def _consumer(
     SPLIT: gl.constexpr,
 ):
     stages: gl.constexpr = e_bufs.type.shape[0]
+    groups: gl.constexpr = ready.type.shape[0]
     rows: gl.constexpr = e_bufs.type.shape[1] // 2
     half: gl.constexpr = c_bufs.type.shape[1] // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(
@@ -211,10 +221,11 @@ def _consumer(
             # a fresh wgmma chain over SPLIT K steps per half, rounded into the fp32 accumulator by
             # an IEEE add (split accumulation). Each chain's ignored accumulator input is the
             # previous add's result: that orders the adds before the next wgmma, so one 64-register
-            # partial is live, not two.
+            # partial is live, not two. One mbarrier pair covers the chain's SPLIT ring slots.
+            g = (i // SPLIT) % groups
+            mbarrier.wait(ready.index(g), ((i // SPLIT) // groups) & 1)
             for j in gl.static_range(SPLIT):
                 st = (i + j) % stages
-                mbarrier.wait(ready.index(st), ((i + j) // stages) & 1)
                 b = c_bufs.index(st).slice(0, half).permute((1, 0))
                 if j == 0:
                     part = warpgroup_mma(
@@ -247,8 +258,7 @@ def _consumer(
                     )
             part = warpgroup_mma_wait(0, deps=(part,))
             acc_hi = acc_hi + part
-            for j in gl.static_range(SPLIT):
-                mbarrier.arrive(empty.index((i + j) % stages), count=1)
+            mbarrier.arrive(empty.index(g), count=1)
             i += SPLIT
 
         # the statistics of `vpcce.kernels.forward`, over the tile's two halves
@@ -360,11 +370,12 @@ def _cce_fwd_ws_kernel(
     gl.static_assert(SPLIT <= STAGES, "a chain's K steps must fit the ring")
     e_bufs = gl.allocate_shared_memory(e_desc.dtype, [STAGES, block_n, block_d], e_desc.layout)
     c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, block_v, block_d], c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
+    gl.static_assert(STAGES % SPLIT == 0, "a chain's K steps share one mbarrier pair")
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES // SPLIT, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES // SPLIT, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES // SPLIT):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a stage
+        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a group
 
     # grouped order: the programs running at one time share GROUP token blocks (their rows of E stay
     # in L2 while every split streams its classifier tiles; Llama's E is 134 MB, beyond the L2)

@@ -47,7 +47,6 @@ HOPPER = common.HOPPER_FORWARD_BLOCKS
 # vocabulary splits: None = the default heuristic)
 FORWARD_VARIANTS = {
     "hopper ws 128x256 s4, chains of 2 K steps (default)": (FWD, HOPPER, None),
-    "hopper ws, chains of 2, 3 stages": (FWD, replace(HOPPER, stages=3), None),
     "hopper ws, chains of 2, 8 splits": (FWD, HOPPER, 8),
     "hopper ws, chains of 1 K step": (FWD, replace(HOPPER, split_every=1), None),
     "hopper ws, chains of 4 K steps": (FWD, replace(HOPPER, split_every=4), None),
