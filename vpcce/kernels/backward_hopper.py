@@ -46,12 +46,12 @@ _WG1 = gl.constexpr(1)
 
 
 @gluon.jit
-def _dlogits_consumer(
-    e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
-    N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k,
-    stride_yb, stride_yt, logit_scale, softcap, target_weight, uniform_weight,
-    WG: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_GLSE: gl.constexpr,
-):  # fmt: skip
+def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_GLSE: gl.constexpr):
+    """Consumer warpgroup ``WG``: the ``dz`` of rows ``n0 + 64 WG ...`` for the program's tiles;
+    ``ops`` are the kernel's buffers, barriers, pointers and scalars."""
+    (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr, N,
+     seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k, stride_yb,
+     stride_yt, logit_scale, softcap, target_weight, uniform_weight) = ops  # fmt: skip
     stages: gl.constexpr = e_bufs.type.shape[0]
     rows: gl.constexpr = e_bufs.type.shape[1] // 2
     cols_n: gl.constexpr = c_bufs.type.shape[1]
@@ -153,22 +153,13 @@ def _cce_dlogits_ws_kernel(
     t_begin = pid_s * tiles_per_split
     t_end = gl.minimum(t_begin + tiles_per_split, gl.cdiv(chunk_len, block_v))
     num_k = gl.cdiv(D, block_d)
+    ops = (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
+           N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k, stride_yb,
+           stride_yt, logit_scale, softcap, target_weight, uniform_weight)  # fmt: skip
     gl.warp_specialize(
         [
-            (
-                _dlogits_consumer,
-                (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr,
-                 g_lse_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end,
-                 num_k, stride_yb, stride_yt, logit_scale, softcap, target_weight, uniform_weight,
-                 _WG0, HAS_SOFTCAP, HAS_GLSE),
-            ),
-            (
-                _dlogits_consumer,
-                (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr,
-                 g_lse_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end,
-                 num_k, stride_yb, stride_yt, logit_scale, softcap, target_weight, uniform_weight,
-                 _WG1, HAS_SOFTCAP, HAS_GLSE),
-            ),
+            (_dlogits_consumer, (ops, _WG0, HAS_SOFTCAP, HAS_GLSE)),
+            (_dlogits_consumer, (ops, _WG1, HAS_SOFTCAP, HAS_GLSE)),
             (
                 _producer,
                 (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,

@@ -5,18 +5,23 @@ optional per-tile max summary), different schedule. Round 11 (docs/perf.md) foun
 forward's tensor pipe busy 42% of the time: every warp ran its tile's MMAs, then the tile's
 softmax statistics, while nothing else issued MMAs. Here a program is three partitions:
 
-- a producer warp streams ``E[128 rows, 64]`` and ``C[256 vocab rows, 64]`` K-slices into a ring
-  of shared-memory stages through TMA (``ready`` / ``empty`` mbarriers);
-- two consumer warpgroups each own 64 of the 128 token rows and read the same ``C`` slices
-  (256 x 128 operand reuse per stage). Each runs its wgmmas, then its epilogue; while one is in
-  its epilogue the other's wgmmas keep the tensor cores busy (they drift apart by up to the ring's
-  depth). A row lives in one warp of the wgmma layout, so the row max / sum are warp shuffles:
-  no shared-memory exchange and no CTA barrier, unlike the 64 x 256 Triton tile.
+- a producer warp streams ``E[128 rows, 64]`` and ``C[256 vocab rows, 64]`` K-slices into a
+  4-slot ring of shared memory through TMA, one ``ready`` / ``empty`` mbarrier pair per
+  accumulation chain of 2 slots;
+- two consumer warpgroups (240 registers each) own 64 of the 128 token rows each and read the
+  same ``C`` slices. Each runs its wgmmas, then its epilogue; while one is in its epilogue the
+  other's wgmmas keep the tensor cores busy (they drift apart by up to the ring's depth). A row
+  lives in one warp of the wgmma layout, so the row max / sum are warp shuffles: no
+  shared-memory exchange and no CTA barrier, unlike the 64 x 256 Triton tile.
 
-Accuracy is the Triton forward's: every 64-wide K step is a fresh wgmma chain (``use_acc=False``)
-added into the fp32 accumulator with an IEEE add (Hopper's accumulator chain truncates, round 2).
-The 64 x 256 accumulator is kept as two 64 x 128 halves so that the step's partial product needs
-64 registers, not 128: 192 accumulator registers per thread.
+Programs run in a grouped order (`GROUP` token blocks share a wave) and `num_splits` picks the
+vocabulary splits. H100 (docs/perf.md, rounds 12 and 14): Gemma 24.9 -> 15.7 ms, 1.16 x the
+cuBLAS GEMM; Llama 45.0 -> 27.1 ms, 1.17 x; tensor pipe busy 76% of the time (Triton: 42%).
+
+Accuracy follows the Triton forward's split accumulation (Hopper's accumulator chain truncates,
+round 2): every chain of ``SPLIT`` 64-wide K steps starts from zero (``use_acc=False``) and is
+added into the fp32 accumulator with an IEEE add. The 64 x 256 accumulator is kept as two
+64 x 128 halves so that a chain's partial product needs 64 registers, not 128.
 
 GPU-only (Gluon has no interpreter); `supported` says when `vpcce.kernels.forward` uses it.
 """
@@ -156,38 +161,13 @@ def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x_log2, z_target):
 
 
 @gluon.jit
-def _consumer(
-    e_bufs,
-    c_bufs,
-    ready,
-    empty,
-    bias_ptr,
-    y_ptr,
-    part_ptr,
-    part_int_ptr,
-    tile_max_ptr,
-    N,
-    V,
-    seq_len,
-    vocab_start,
-    n0,
-    pid_s,
-    t_begin,
-    t_end,
-    num_k,
-    stride_yb,
-    stride_yt,
-    stride_ps,
-    stride_tmt,
-    stride_bias,
-    logit_scale,
-    softcap,
-    WG: gl.constexpr,
-    HAS_BIAS: gl.constexpr,
-    HAS_SOFTCAP: gl.constexpr,
-    SUMMARY: gl.constexpr,
-    SPLIT: gl.constexpr,
-):
+def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+              SUMMARY: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+    """Consumer warpgroup ``WG``: rows ``n0 + 64 WG ...`` of the program's tiles; ``ops`` are the
+    kernel's buffers, barriers, pointers and scalars (a tuple: one list for both warpgroups)."""
+    (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr, N, V,
+     seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k, stride_yb, stride_yt, stride_ps,
+     stride_tmt, stride_bias, logit_scale, softcap) = ops  # fmt: skip
     stages: gl.constexpr = e_bufs.type.shape[0]
     groups: gl.constexpr = ready.type.shape[0]
     rows: gl.constexpr = e_bufs.type.shape[1] // 2
@@ -391,78 +371,13 @@ def _cce_fwd_ws_kernel(
     # K steps, rounded up to whole SPLIT chains: TMA zero-fills the steps past D
     num_k = gl.cdiv(gl.cdiv(D, block_d), SPLIT) * SPLIT
     first_row = gl.to_tensor(0)  # the whole shard (the backward's producer starts at a chunk)
+    ops = (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
+           N, V, seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k, stride_yb, stride_yt,
+           stride_ps, stride_tmt, stride_bias, logit_scale, softcap)  # fmt: skip
     gl.warp_specialize(
         [
-            (
-                _consumer,
-                (
-                    e_bufs,
-                    c_bufs,
-                    ready,
-                    empty,
-                    bias_ptr,
-                    y_ptr,
-                    part_ptr,
-                    part_int_ptr,
-                    tile_max_ptr,
-                    N,
-                    V,
-                    seq_len,
-                    vocab_start,
-                    n0,
-                    pid_s,
-                    t_begin,
-                    t_end,
-                    num_k,
-                    stride_yb,
-                    stride_yt,
-                    stride_ps,
-                    stride_tmt,
-                    stride_bias,
-                    logit_scale,
-                    softcap,
-                    _WG0,
-                    HAS_BIAS,
-                    HAS_SOFTCAP,
-                    SUMMARY,
-                    SPLIT,
-                ),
-            ),
-            (
-                _consumer,
-                (
-                    e_bufs,
-                    c_bufs,
-                    ready,
-                    empty,
-                    bias_ptr,
-                    y_ptr,
-                    part_ptr,
-                    part_int_ptr,
-                    tile_max_ptr,
-                    N,
-                    V,
-                    seq_len,
-                    vocab_start,
-                    n0,
-                    pid_s,
-                    t_begin,
-                    t_end,
-                    num_k,
-                    stride_yb,
-                    stride_yt,
-                    stride_ps,
-                    stride_tmt,
-                    stride_bias,
-                    logit_scale,
-                    softcap,
-                    _WG1,
-                    HAS_BIAS,
-                    HAS_SOFTCAP,
-                    SUMMARY,
-                    SPLIT,
-                ),
-            ),
+            (_consumer, (ops, _WG0, HAS_BIAS, HAS_SOFTCAP, SUMMARY, SPLIT)),
+            (_consumer, (ops, _WG1, HAS_BIAS, HAS_SOFTCAP, SUMMARY, SPLIT)),
             (
                 _producer,
                 (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,
