@@ -37,9 +37,19 @@ def test_num_splits_where_e_fits_in_l2():
     assert forward_hopper.num_splits(8192, 14, HOPPER, sms=132) == 14
 
 
+@pytest.mark.parametrize(
+    ("version", "ok"), [("3.6.0", True), ("3.6.1+git", True), ("3.9.0", False)]
+)
+def test_gluon_kernels_only_on_validated_triton(version, ok):
+    # Triton 3.9's Gluon renamed the TMA copies: there the Triton kernels run instead
+    assert forward_hopper.gluon_validated(version) is ok
+
+
 def _hopper_or_skip():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("needs a Hopper GPU")
+    if not forward_hopper.gluon_validated():
+        pytest.skip("the Gluon kernels are off on this Triton")
 
 
 def _partials(e, c, y, bias, hopper, **kw):

@@ -37,6 +37,7 @@ from vpcce.kernels.forward_hopper import (
     _exp2,
     _finish_logits,
     _producer,
+    gluon_validated,
     num_splits,
 )
 
@@ -175,7 +176,7 @@ def supported(
     e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, cfg: Blocks | None
 ) -> bool:
     """True on Hopper for 16-bit operands and a ``dz`` buffer that TMA can address."""
-    if cfg is None or e2 is None or c.device.type != "cuda":
+    if cfg is None or e2 is None or c.device.type != "cuda" or not gluon_validated():
         return False
     if torch.cuda.get_device_capability(c.device)[0] != 9 or cfg.n != 2 * _ROWS:
         return False

@@ -42,6 +42,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from vpcce.kernels.common import Blocks
 
+# Gluon is experimental and its API moves (Triton 3.9 renamed the TMA copies these kernels call):
+# they run only on the Triton minor versions they were validated with, else the Triton kernels do
+VALIDATED_TRITON = ((3, 6),)
 CONSUMER_REGS = 240  # per thread, each consumer warpgroup (setmaxnreg)
 PRODUCER_REGS = 24
 GROUP = 16  # token blocks that run together (see the kernel's program order)
@@ -389,10 +392,18 @@ def _cce_fwd_ws_kernel(
     )  # fmt: skip
 
 
+def gluon_validated(version: str = triton.__version__) -> bool:
+    """True when this Triton's Gluon API is one these kernels were validated with."""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    return (major, minor) in VALIDATED_TRITON
+
+
 def supported(e2: torch.Tensor | None, c: torch.Tensor, cfg: Blocks) -> bool:
     """True when this kernel can run: a Hopper GPU and 16-bit operands that TMA reads as plain
     matrices (``e2`` is None for hidden states that are not one ``[N, D]`` matrix view)."""
-    if e2 is None or c.device.type != "cuda" or torch.cuda.get_device_capability(c.device)[0] != 9:
+    if e2 is None or c.device.type != "cuda" or not gluon_validated():
+        return False
+    if torch.cuda.get_device_capability(c.device)[0] != 9:
         return False
     if c.dtype not in (torch.bfloat16, torch.float16) or e2.dtype != c.dtype or cfg.n != 2 * _ROWS:
         return False
