@@ -164,6 +164,23 @@ def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x_log2, z_target):
 
 
 @gluon.jit
+def _chain(e_bufs, c_bufs, i, col0, after, WG: gl.constexpr, rows: gl.constexpr,
+           width: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+    """``E[rows of WG] @ C[col0:col0 + width].T`` over the ring slots ``i .. i + SPLIT - 1``: one
+    wgmma chain from zero, waited for. ``after`` (ignored as an accumulator, ``use_acc=False``)
+    is the value the chain must follow: passing the previous add's result keeps the compiler
+    from hoisting these wgmmas above that add (two live partials would spill, round 12)."""
+    stages: gl.constexpr = e_bufs.type.shape[0]
+    part = after
+    for j in gl.static_range(SPLIT):
+        st = (i + j) % stages
+        a = e_bufs.index(st).slice(WG * rows, rows)
+        b = c_bufs.index(st).slice(col0, width).permute((1, 0))
+        part = warpgroup_mma(a, b, part, use_acc=j > 0, is_async=True)
+    return warpgroup_mma_wait(0, deps=(part,))
+
+
+@gluon.jit
 def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
               SUMMARY: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
     """Consumer warpgroup ``WG``: rows ``n0 + 64 WG ...`` of the program's tiles; ``ops`` are the
@@ -171,7 +188,6 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.con
     (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr, N, V,
      seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k, stride_yb, stride_yt, stride_ps,
      stride_tmt, stride_bias, logit_scale, softcap) = ops  # fmt: skip
-    stages: gl.constexpr = e_bufs.type.shape[0]
     groups: gl.constexpr = ready.type.shape[0]
     rows: gl.constexpr = e_bufs.type.shape[1] // 2
     half: gl.constexpr = c_bufs.type.shape[1] // 2
@@ -201,45 +217,13 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.con
         acc_lo = gl.zeros([rows, half], gl.float32, mma)
         acc_hi = gl.zeros([rows, half], gl.float32, mma)
         for _ in range(0, num_k, SPLIT):
-            # a fresh wgmma chain over SPLIT K steps per half, rounded into the fp32 accumulator by
-            # an IEEE add (split accumulation). Each chain's ignored accumulator input is the
-            # previous add's result: that orders the adds before the next wgmma, so one 64-register
-            # partial is live, not two. One mbarrier pair covers the chain's SPLIT ring slots.
+            # per half, a fresh wgmma chain over SPLIT K steps, rounded into the fp32 accumulator
+            # by an IEEE add (split accumulation); one mbarrier pair covers the chain's ring slots
             g = (i // SPLIT) % groups
             mbarrier.wait(ready.index(g), ((i // SPLIT) // groups) & 1)
-            for j in gl.static_range(SPLIT):
-                st = (i + j) % stages
-                b = c_bufs.index(st).slice(0, half).permute((1, 0))
-                if j == 0:
-                    part = warpgroup_mma(
-                        e_bufs.index(st).slice(WG * rows, rows),
-                        b,
-                        acc_hi,
-                        use_acc=False,
-                        is_async=True,
-                    )
-                else:
-                    part = warpgroup_mma(
-                        e_bufs.index(st).slice(WG * rows, rows), b, part, is_async=True
-                    )
-            part = warpgroup_mma_wait(0, deps=(part,))
+            part = _chain(e_bufs, c_bufs, i, 0, acc_hi, WG, rows, half, SPLIT)
             acc_lo = acc_lo + part
-            for j in gl.static_range(SPLIT):
-                st = (i + j) % stages
-                b = c_bufs.index(st).slice(half, half).permute((1, 0))
-                if j == 0:
-                    part = warpgroup_mma(
-                        e_bufs.index(st).slice(WG * rows, rows),
-                        b,
-                        acc_lo,
-                        use_acc=False,
-                        is_async=True,
-                    )
-                else:
-                    part = warpgroup_mma(
-                        e_bufs.index(st).slice(WG * rows, rows), b, part, is_async=True
-                    )
-            part = warpgroup_mma_wait(0, deps=(part,))
+            part = _chain(e_bufs, c_bufs, i, half, acc_lo, WG, rows, half, SPLIT)
             acc_hi = acc_hi + part
             mbarrier.arrive(empty.index(g), count=1)
             i += SPLIT
@@ -247,30 +231,10 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.con
         # the statistics of `vpcce.kernels.forward`, over the tile's two halves
         v_lo = t * (2 * half)
         v_hi = v_lo + half
-        z_lo = _finish_logits(
-            acc_lo,
-            cols,
-            v_lo,
-            V,
-            bias_ptr,
-            stride_bias,
-            logit_scale,
-            softcap,
-            HAS_BIAS,
-            HAS_SOFTCAP,
-        )
-        z_hi = _finish_logits(
-            acc_hi,
-            cols,
-            v_hi,
-            V,
-            bias_ptr,
-            stride_bias,
-            logit_scale,
-            softcap,
-            HAS_BIAS,
-            HAS_SOFTCAP,
-        )
+        z_lo = _finish_logits(acc_lo, cols, v_lo, V, bias_ptr, stride_bias, logit_scale,
+                              softcap, HAS_BIAS, HAS_SOFTCAP)  # fmt: skip
+        z_hi = _finish_logits(acc_hi, cols, v_hi, V, bias_ptr, stride_bias, logit_scale,
+                              softcap, HAS_BIAS, HAS_SOFTCAP)  # fmt: skip
         sum_z += gl.sum(z_lo, axis=1) + gl.sum(z_hi, axis=1)  # columns past V are 0 here
         if v_hi + half > V:  # the last tile: columns past V weigh exp(-inf) = 0 from here on
             z_lo = gl.where((cols < V - v_lo)[None, :], z_lo, float("-inf"))
@@ -316,6 +280,40 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.con
 
 
 @gluon.jit
+def _ring(e_desc, c_desc, STAGES: gl.constexpr, GROUPS: gl.constexpr):
+    """Shared memory of the producer / consumer ring: ``STAGES`` K-step slots of ``E`` and ``C``
+    tiles, and one ``ready`` / ``empty`` mbarrier pair per group of ``STAGES / GROUPS`` slots."""
+    e_shape: gl.constexpr = [STAGES] + e_desc.block_type.shape
+    c_shape: gl.constexpr = [STAGES] + c_desc.block_type.shape
+    e_bufs = gl.allocate_shared_memory(e_desc.dtype, e_shape, e_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, c_shape, c_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [GROUPS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [GROUPS, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(GROUPS):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a group
+    return e_bufs, c_bufs, ready, empty
+
+
+@gluon.jit
+def _program_tiles(N, block_n: gl.constexpr, num_tiles, num_splits, tiles_per_split,
+                   GROUP: gl.constexpr):  # fmt: skip
+    """This program's first token row, split, and vocabulary tiles ``[t_begin, t_end)``.
+
+    Grouped order: the programs running at one time share GROUP token blocks, whose rows of E
+    stay in L2 while every split streams its classifier tiles (Llama's E is 134 MB, beyond L2).
+    """
+    pid = gl.program_id(0)
+    group_size = GROUP * num_splits
+    first_block = (pid // group_size) * GROUP
+    blocks_in_group = gl.minimum(gl.cdiv(N, block_n) - first_block, GROUP)
+    pid_n = first_block + (pid % group_size) % blocks_in_group
+    pid_s = (pid % group_size) // blocks_in_group
+    t_begin = pid_s * tiles_per_split
+    return pid_n * block_n, pid_s, t_begin, gl.minimum(t_begin + tiles_per_split, num_tiles)
+
+
+@gluon.jit
 def _cce_fwd_ws_kernel(
     e_desc,
     c_desc,
@@ -350,27 +348,11 @@ def _cce_fwd_ws_kernel(
     block_n: gl.constexpr = e_desc.block_type.shape[0]
     block_d: gl.constexpr = e_desc.block_type.shape[1]
     block_v: gl.constexpr = c_desc.block_type.shape[0]
-    gl.static_assert(SPLIT <= STAGES, "a chain's K steps must fit the ring")
-    e_bufs = gl.allocate_shared_memory(e_desc.dtype, [STAGES, block_n, block_d], e_desc.layout)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, block_v, block_d], c_desc.layout)
     gl.static_assert(STAGES % SPLIT == 0, "a chain's K steps share one mbarrier pair")
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES // SPLIT, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES // SPLIT, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES // SPLIT):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a group
-
-    # grouped order: the programs running at one time share GROUP token blocks (their rows of E stay
-    # in L2 while every split streams its classifier tiles; Llama's E is 134 MB, beyond the L2)
-    pid = gl.program_id(0)
-    group_size = GROUP * num_splits
-    first_block = (pid // group_size) * GROUP
-    blocks_in_group = gl.minimum(gl.cdiv(N, block_n) - first_block, GROUP)
-    pid_n = first_block + (pid % group_size) % blocks_in_group
-    pid_s = (pid % group_size) // blocks_in_group
-    n0 = pid_n * block_n
-    t_begin = pid_s * tiles_per_split
-    t_end = gl.minimum(t_begin + tiles_per_split, gl.cdiv(V, block_v))
+    e_bufs, c_bufs, ready, empty = _ring(e_desc, c_desc, STAGES, STAGES // SPLIT)
+    n0, pid_s, t_begin, t_end = _program_tiles(
+        N, block_n, gl.cdiv(V, block_v), num_splits, tiles_per_split, GROUP
+    )
     # K steps, rounded up to whole SPLIT chains: TMA zero-fills the steps past D
     num_k = gl.cdiv(gl.cdiv(D, block_d), SPLIT) * SPLIT
     first_row = gl.to_tensor(0)  # the whole shard (the backward's producer starts at a chunk)
