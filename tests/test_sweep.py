@@ -16,6 +16,10 @@ def tables():
     return common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS, grad_e.MAX_RECOMPUTE
 
 
+def hopper_tables():
+    return common.HOPPER_FORWARD_BLOCKS, common.HOPPER_BACKWARD_BLOCKS
+
+
 def test_variant_swaps_and_restores_the_tables():
     saved = tables()
     fwd, bwd = replace(saved[0], n=16), replace(saved[1], v=32)
@@ -24,6 +28,15 @@ def test_variant_swaps_and_restores_the_tables():
         raise RuntimeError("a variant failed")
     assert swapped == (fwd, bwd, 0.0)
     assert tables() == saved
+
+
+def test_variant_turns_the_hopper_kernels_off_and_back():
+    saved = hopper_tables()
+    with pytest.raises(RuntimeError), sweep.variant(hopper=None, hopper_backward=None):
+        off = hopper_tables()
+        raise RuntimeError("a variant failed")
+    assert off == (None, None)
+    assert hopper_tables() == saved
 
 
 def test_failed_variant_becomes_a_row(capsys):
