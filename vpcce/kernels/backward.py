@@ -343,19 +343,20 @@ def backward(
         else None
     )
     bias_arg = bias if bias is not None else c
-    e_desc = tma_descriptor(plain_matrix(layout.e3), [cfg.n, cfg.d])
+    e2 = plain_matrix(layout.e3)  # None when the tokens are not one [N, D] matrix view
+    e_desc = tma_descriptor(e2, [cfg.n, cfg.d])
     c_desc = tma_descriptor(c, [cfg.v, cfg.d])
     tma = e_desc is not None and c_desc is not None
     gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.gemm_stages}
     # cuBLAS takes dC when the hidden states form one plain matrix on CUDA (else torch.mm would
     # copy E): 0.068 ms vs 0.20 ms for `grad_matmul` per 8192 x 2304 x 1280 chunk (H100)
-    e2d = plain_matrix(layout.e3) if c.device.type == "cuda" else None
+    e2d = e2 if c.device.type == "cuda" else None
 
-    hopper = _hopper_dlogits(plain_matrix(layout.e3), c, dz, bias is None and not flagged)
+    hopper = _hopper_dlogits(e2, c, dz, bias is None and not flagged)
     if hopper is not None:
         module, hopper_cfg = hopper
         hopper_dlogits = module.launcher(
-            plain_matrix(layout.e3), c, layout.y2, dz, lse, g_nll, g_lse, hopper_cfg,
+            e2, c, layout.y2, dz, lse, g_nll, g_lse, hopper_cfg,
             seq_len=layout.seq_len, vocab_start=vocab_start, target_weight=target_weight,
             uniform_weight=uniform_weight, logit_scale=logit_scale, softcap=softcap,
         )  # fmt: skip

@@ -220,7 +220,8 @@ def forward_partials(
     del chunk_bytes
     e3, y2 = layout.e3, layout.y2
     n, (v, d) = layout.num_tokens, c.shape
-    hopper = _hopper_forward(plain_matrix(e3), c)
+    e2 = plain_matrix(e3)  # None when the tokens are not one [N, D] matrix view
+    hopper = _hopper_forward(e2, c)
     if hopper is not None and n > 0:
         module, cfg = hopper
         vocab_tiles = triton.cdiv(v, cfg.v)
@@ -229,7 +230,7 @@ def forward_partials(
         splits = max(1, min(splits, vocab_tiles))
         parts = torch.empty(splits, n, NUM_STATS, dtype=torch.float32, device=c.device)
         module.launch(
-            plain_matrix(e3), c, bias, y2, parts, tile_max, cfg,
+            e2, c, bias, y2, parts, tile_max, cfg,
             seq_len=layout.seq_len, vocab_start=vocab_start,
             tiles_per_split=triton.cdiv(vocab_tiles, splits),
             logit_scale=logit_scale, softcap=softcap,
@@ -244,7 +245,7 @@ def forward_partials(
     if n == 0:
         return parts[0]
     bias_arg = bias if bias is not None else c
-    e_desc = tma_descriptor(plain_matrix(e3), [cfg.n, cfg.d])
+    e_desc = tma_descriptor(e2, [cfg.n, cfg.d])
     c_desc = tma_descriptor(c, [cfg.v, cfg.d])
     tma = e_desc is not None and c_desc is not None
     _cce_fwd_kernel[(token_blocks, splits)](
