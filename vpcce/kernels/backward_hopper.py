@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from vpcce.kernels.common import Blocks
+from vpcce.kernels.common import Blocks, tma_addressable
 from vpcce.kernels.forward_hopper import (
     _ROWS,
     _WG0,
@@ -42,9 +42,10 @@ from vpcce.kernels.forward_hopper import (
     _producer,
     _program_tiles,
     _ring,
-    gluon_validated,
     num_splits,
+    operand_descriptors,
 )
+from vpcce.kernels.forward_hopper import supported as forward_supported  # the same operand rule
 
 
 @gluon.jit
@@ -165,17 +166,9 @@ def _cce_dlogits_ws_kernel(
 def supported(
     e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, cfg: Blocks | None
 ) -> bool:
-    """True on Hopper for 16-bit operands and a ``dz`` buffer that TMA can address."""
-    if cfg is None or e2 is None or c.device.type != "cuda" or not gluon_validated():
-        return False
-    if torch.cuda.get_device_capability(c.device)[0] != 9 or cfg.n != 2 * _ROWS:
-        return False
-    if c.dtype not in (torch.bfloat16, torch.float16) or e2.dtype != c.dtype:
-        return False
-    return all(
-        x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
-        for x in (e2, c, dz)
-    )
+    """True where the forward's kernel takes ``e2`` and ``c`` (`forward_hopper.supported`) and
+    TMA can write the ``dz`` buffer."""
+    return cfg is not None and forward_supported(e2, c, cfg) and tma_addressable(dz)
 
 
 def launcher(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_start,
@@ -186,13 +179,7 @@ def launcher(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_st
     per chunk (a backward launches ~70 chunks).
     """
     n, d = e2.shape
-    dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
-    e_desc = TensorDescriptor.from_tensor(
-        e2, [cfg.n, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.n, cfg.d], dtype)
-    )
-    c_desc = TensorDescriptor.from_tensor(
-        c, [cfg.v, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.v, cfg.d], dtype)
-    )
+    e_desc, c_desc, dtype = operand_descriptors(e2, c, cfg)
     dz_layout = gl.NVMMASharedLayout.get_default_for([_ROWS, cfg.v], dtype)
     props = torch.cuda.get_device_properties(c.device)
     sms = props.multi_processor_count

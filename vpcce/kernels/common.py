@@ -73,11 +73,12 @@ GPU_FORWARD_BLOCKS = Blocks(
     split_acc=True,
     flatten=True,
 )
-# H100, bf16 (round 12): the warp-specialized Gluon forward (`vpcce.kernels.forward_hopper`),
-# used on Hopper where TMA can read both operands as plain 16-bit matrices; the Triton forward above
-# otherwise. 128 token rows (two consumer warpgroups of 64) x 256 vocabulary rows x 64-wide K
-# steps, a 4-stage TMA ring (192 KB); split accumulation over chains of 2 K steps (Gemma 15.8 ms,
-# 1.18 x GEMM; one K step per chain: 18.5 ms). None: always the Triton forward.
+# H100, bf16 (rounds 12 and 14): the warp-specialized Gluon forward
+# (`vpcce.kernels.forward_hopper`), used on Hopper where TMA can read both operands as plain
+# 16-bit matrices; the Triton forward above otherwise. 128 token rows (two consumer warpgroups of
+# 64) x 256 vocabulary rows x 64-wide K steps, a 4-slot TMA ring (192 KB); split accumulation over
+# chains of 2 K steps, one mbarrier pair per chain (Gemma 15.7 ms, 1.16 x GEMM; one K step per
+# chain: 18.3 ms). None: always the Triton forward.
 HOPPER_FORWARD_BLOCKS: Blocks | None = Blocks(
     n=128,
     v=256,
@@ -175,6 +176,13 @@ def plain_matrix(x3: torch.Tensor) -> torch.Tensor | None:
     return x3.reshape(b * t, d)
 
 
+def tma_addressable(x: torch.Tensor) -> bool:
+    """TMA's layout rule for a 2-D ``x``: contiguous last dimension, 16-byte aligned base and row
+    stride."""
+    aligned = x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+    return x.stride(-1) == 1 and aligned
+
+
 def tma_descriptor(x: torch.Tensor | None, block: list[int]):
     """A TMA descriptor of the 2-D ``x`` with tiles of ``block``, or None where TMA cannot read it.
 
@@ -185,7 +193,7 @@ def tma_descriptor(x: torch.Tensor | None, block: list[int]):
         return None
     if torch.cuda.get_device_capability(x.device)[0] < 9:
         return None
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+    if not tma_addressable(x):
         return None
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from vpcce.kernels.common import Blocks
+from vpcce.kernels.common import Blocks, tma_addressable
 
 # Gluon is experimental and its API moves (Triton 3.9 renamed the TMA copies these kernels call):
 # they run only on the Triton minor versions they were validated with, else the Triton kernels do
@@ -389,9 +389,21 @@ def supported(e2: torch.Tensor | None, c: torch.Tensor, cfg: Blocks) -> bool:
         return False
     if c.dtype not in (torch.bfloat16, torch.float16) or e2.dtype != c.dtype or cfg.n != 2 * _ROWS:
         return False
-    return all(
-        x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
-        for x in (e2, c)
+    return tma_addressable(e2) and tma_addressable(c)
+
+
+def operand_descriptors(e2: torch.Tensor, c: torch.Tensor, cfg: Blocks):
+    """Gluon TMA descriptors of ``E [N, D]`` and ``C [V, D]`` in the ring's tiles, and the
+    operands' Gluon dtype."""
+    dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
+    return (
+        *(
+            TensorDescriptor.from_tensor(
+                x, block, gl.NVMMASharedLayout.get_default_for(block, dtype)
+            )
+            for x, block in ((e2, [cfg.n, cfg.d]), (c, [cfg.v, cfg.d]))
+        ),
+        dtype,
     )
 
 
@@ -432,13 +444,7 @@ def launch(
 ):
     """Fill ``parts`` ([S, N, 6]) with the per-split partials (grid: token blocks x S)."""
     n, (v, d) = e2.shape[0], c.shape
-    dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
-    e_desc = TensorDescriptor.from_tensor(
-        e2, [cfg.n, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.n, cfg.d], dtype)
-    )
-    c_desc = TensorDescriptor.from_tensor(
-        c, [cfg.v, cfg.d], gl.NVMMASharedLayout.get_default_for([cfg.v, cfg.d], dtype)
-    )
+    e_desc, c_desc, _ = operand_descriptors(e2, c, cfg)
     bias_arg = bias if bias is not None else c
     splits = parts.shape[0]
     _cce_fwd_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
