@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import random
 from dataclasses import replace
-from itertools import combinations
+from itertools import accumulate, combinations
 
 import pytest
 import torch
@@ -494,7 +494,7 @@ def test_e_gradient_accumulators(monkeypatch, kind):
     many = run("triton", e, c, y, b, chunk_bytes=small, accum_e_fp32=fp32, **CHUNK_OPTS)
     assert [a.kind for a in chosen] == [kind]
     if kind == grad_e.SCRATCH:  # the scratch spans more than the last chunk: dz is recomputed
-        assert grad_e.recompute_rows(n, V, c.shape[1], chosen[0].chunk) > 0
+        assert grad_e.recompute_rows(chosen[0].order, chosen[0].first_deferred_row) > 0
     tru = truth(e, c, y, b, **CHUNK_OPTS)
     err, err_one = rel_err(many[2], tru.de), rel_err(one[2], tru.de)
     # hi/lo rounds to 16 bits in the kernel, where the interpreter truncates (1 ulp, not 1/2)
@@ -504,13 +504,84 @@ def test_e_gradient_accumulators(monkeypatch, kind):
 
 
 def test_scratch_placement():
-    """The fp32 scratch is the 16-byte aligned tail of the [V, D] buffer; it must fit."""
-    assert grad_e.scratch_first_row(num_tokens=10, vocab=100, dim=8) == 80
-    assert grad_e.scratch_first_row(num_tokens=10, vocab=101, dim=5) == 80  # 405 -> 400 elements
-    assert grad_e.scratch_first_row(num_tokens=51, vocab=100, dim=8) == -1
-    # 5 chunks of 20 rows, scratch from row 80: only the last chunk's dz is live, none recomputed
-    assert grad_e.recompute_rows(10, 100, 8, 20) == 0
-    assert grad_e.recompute_rows(10, 100, 8, 15) == 15  # rows 75..90 recomputed, 90..100 live
+    """The fp32 scratch is the aligned tail of the [V, D] buffer; it must fit."""
+    assert grad_e._scratch_start(num_tokens=10, vocab=100, dim=8) == 640  # 2 N D = 160 elements
+    assert grad_e._scratch_start(num_tokens=10, vocab=101, dim=5) == 384  # 405 - 100, aligned
+    assert grad_e._scratch_start(num_tokens=51, vocab=100, dim=8) < 0
+    plain = grad_e.schedule(10, 100, 8, chunk=20, tile=4, free_end=None)
+    assert [(ch.begin, ch.rows, ch.dz_at) for ch in plain] == [
+        (v0, 20, None) for v0 in range(0, 100, 20)
+    ]
+    # scratch from row 80: only the last chunk's dz is live, none recomputed
+    assert grad_e.recompute_rows(plain, 80) == 0
+    # 15-row chunks: rows 75..90 recomputed, 90..100 live
+    fifteen = grad_e.schedule(10, 100, 8, chunk=15, tile=5, free_end=None)
+    assert grad_e.recompute_rows(fifteen, 80) == 15
+
+
+@pytest.mark.parametrize(
+    "n,v,d,chunk,tile",
+    [(8192, 256000, 2304, 3584, 256), (16384, 128256, 4096, 1792, 256), (40, 301, 264, 64, 64)],
+)
+def test_borrowed_chunks_fit_in_unwritten_rows(n, v, d, chunk, tile):
+    """Chunks tile the vocabulary in order; one that borrows dC's memory for its dz is larger than
+    the buffer's, a multiple of ``tile``, and its dz (aligned) lies past its own rows, below
+    ``free_end`` and past every row written before it; borrowing stops where it would not pay."""
+    free_end = grad_e._scratch_start(n // 2, v, d)
+    order = grad_e.schedule(n, v, d, chunk=chunk, tile=tile, free_end=free_end)
+    assert [ch.begin for ch in order] == [0, *accumulate(ch.rows for ch in order)][:-1]
+    assert sum(ch.rows for ch in order) == v
+    borrowed = [ch for ch in order if ch.dz_at is not None]
+    assert borrowed and order[: len(borrowed)] == borrowed  # the early chunks, while rows are free
+    for ch in borrowed:
+        assert ch.rows > chunk and ch.rows % tile == 0 and ch.dz_at % 64 == 0
+        assert (ch.begin + ch.rows) * d <= ch.dz_at and ch.dz_at + n * ch.rows <= free_end
+    assert all(ch.rows <= chunk for ch in order[len(borrowed) :])
+
+
+def test_narrow_in_place():
+    """fp32 rows narrowed to 16 bits inside their own buffer, in doubling blocks (the first one
+    through a temporary), equal a plain cast."""
+    rows, dim = 37, 24
+    buf = torch.empty(rows * dim * 2, dtype=torch.bfloat16)
+    acc = buf.view(torch.float32).view(rows, dim)
+    acc.copy_(torch.randn(rows, dim, generator=torch.Generator().manual_seed(0)))
+    want = acc.to(torch.bfloat16)
+    out = buf[: rows * dim].view(rows, dim)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grad_e, "_NARROW_BYTES", 3 * dim * 4)  # blocks of 3, 3, 6, 12, 13 rows
+        grad_e._narrow_in_place(acc, out)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_borrowed_chunks_and_split_scratch(dtype, monkeypatch):
+    """One sequence, no bias: early chunks write dz into dC's unwritten rows, and (bf16) the dE
+    scratch lives half in dE's own buffer, half in dC's last rows. Same loss and dC (bitwise) as
+    one chunk, dE as accurate; the split scratch is narrowed in place."""
+    dtype = DTYPES[dtype]
+    e, c, _, y = make_inputs(lead=(1,), t=80, dtype=dtype, seed=21)
+    opts = dict(softcap=5.0, label_smoothing=0.1, reduction="sum")
+    chosen = []
+    real = grad_e.accumulator
+    monkeypatch.setattr(
+        grad_e, "accumulator", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1]
+    )
+    many = run("triton", e, c, y, chunk_bytes=_chunk_bytes_for(80, dtype), **opts)
+    (acc,) = chosen
+    assert acc.kind == (grad_e.IN_PLACE if dtype == torch.float32 else grad_e.SCRATCH)
+    borrowed = [ch.dz_at is not None for ch in acc.order]
+    assert any(borrowed) and not all(borrowed)
+    if dtype == torch.bfloat16:
+        assert [p[:2] for p in acc.parts] == [(0, 32), (32, 80)]
+        assert grad_e.recompute_rows(acc.order, acc.first_deferred_row) > 0
+    monkeypatch.setattr(grad_e, "accumulator", real)
+    one = run("triton", e, c, y, chunk_bytes=2**30, accum_e_fp32=True, **opts)
+    assert_bitwise(many[:2] + many[3:4], one[:2] + one[3:4], names=("loss", "lse", "dc"))
+    tru = truth(e, c, y, **opts)
+    err, err_one = rel_err(many[2], tru.de), rel_err(one[2], tru.de)
+    assert err <= 1.1 * err_one + (1e-6 if dtype == torch.float32 else 1e-4), (err, err_one)
+
 
 # ---------------------------------------------------------------------------------------------
 # 5. determinism, 6. strided inputs, 7. no tokens, 9. NaN

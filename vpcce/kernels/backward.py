@@ -4,14 +4,15 @@ Math: with ``p = exp(z - lse)`` (global LSE), per token weights ``g`` (loss) and
 (LSE output) and ``q = target_weight [v = y] + uniform_weight`` (label smoothing),
 ``dz = (g + g_lse) p - g q``, times ``1 - (z / softcap)^2`` (softcap) and ``logit_scale``.
 
-Data flow, for each chunk of ``chunk`` vocabulary rows (``[N, chunk]`` of ``dz`` is the only
-logits-sized buffer, bounded by ``chunk_bytes``):
+Data flow, for each vocabulary chunk (`vpcce.kernels.grad_e.schedule`: its ``[N, rows]`` dz is
+either the one logits-sized buffer, bounded by ``chunk_bytes``, or, for the larger early chunks,
+dC's rows that no chunk has written yet):
 
 1. `_cce_dlogits_kernel` recomputes the chunk's logits, writes ``dz`` in the input dtype, the
    per-token-block column sums of ``dz`` (bias gradient) and, when filtering, one flag per
    ``[BLOCK_N, BLOCK_V]`` tile whose every ``|p - q|`` is below ``filter_eps``;
 2. ``dE += dz @ C[chunk]`` into an fp32 accumulator (`vpcce.kernels.grad_e` chooses where: usually
-   dC's not-yet-written rows, through cuBLAS);
+   half in dE's own buffer, half in dC's last rows, through cuBLAS);
 3. ``dC[chunk] = dz^T @ E``, accumulated in fp32 registers over all tokens and written once
    (cuBLAS when the hidden states form one plain matrix on CUDA and dC is not filtered). Chunks
    whose dC rows hold the dE accumulator write dC after the last chunk, recomputing their dz.
@@ -222,7 +223,7 @@ def _may_sync(device: torch.device) -> bool:
 
 
 def chunk_work(
-    order: list[tuple[int, int]], mode: BackwardMode, plan: torch.Tensor | None, tile: int
+    order: list[grad_e.Chunk], mode: BackwardMode, plan: torch.Tensor | None, tile: int
 ) -> list[ChunkWork]:
     """Per chunk of ``order``: skip it, or which GEMMs skip tiles (`SPARSE_E_MAX`).
 
@@ -238,7 +239,8 @@ def chunk_work(
     live_tiles = (plan == 0).sum(dim=0).tolist()  # the one host read
     blocks_ = plan.shape[0]
     out = []
-    for v0, cl in order:
+    for ch in order:
+        v0, cl = ch.begin, ch.rows
         tiles = live_tiles[v0 // tile : triton.cdiv(v0 + cl, tile)]
         density = sum(tiles) / (blocks_ * len(tiles))
         out.append(ChunkWork(density > 0, density <= SPARSE_E_MAX, density <= SPARSE_C_MAX))
@@ -247,7 +249,8 @@ def chunk_work(
 
 def _hopper_dlogits(e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, exact: bool):
     """(`vpcce.kernels.backward_hopper`, its tiles) when that kernel takes this backward: exact
-    (no filter flags, no plan), no bias, and operands TMA can address; else None."""
+    (no filter flags, no plan), no bias, and operands TMA can address (``dz``: the dz buffer; the
+    chunks that borrow dC's rows are aligned like it); else None."""
     cfg = hopper_backward_blocks()
     if cfg is None or not exact or c.device.type != "cuda" or cfg.v != blocks(c.dtype).v:
         return None
@@ -312,10 +315,16 @@ def backward(
         work_bytes=DEFAULT_WORK_BYTES,
         min_dz_bytes=MIN_DZ_BYTES,
         chunk_bytes=chunk_bytes,
+        row_block=cfg.n,
+        # the bias gradient's per-token-block column sums are as wide as the largest chunk
+        borrow=bias is None,
     )
-    chunk = acc_e.chunk
+    order = acc_e.order
+    widest = max(ch.rows for ch in order)
     token_blocks = triton.cdiv(n, cfg.n)
-    dz = torch.empty((n, chunk), dtype=c.dtype, device=c.device)
+    # whole tiles wide (at most the chunk): a 16-byte row stride TMA can store to
+    buffer_cols = triton.cdiv(acc_e.dz_columns, cfg.v) * cfg.v
+    dz_buffer = torch.empty((n, buffer_cols), dtype=c.dtype, device=c.device)
     filtering = mode.filter_eps is not None
     plan = None
     # a plan needs the forward's bounds, and both gradients (and no bias gradient) free to drop
@@ -333,12 +342,12 @@ def backward(
         )
     flagged = filtering or plan is not None  # the dlogits kernel writes per-tile skip flags
     skip = (
-        torch.empty((token_blocks, triton.cdiv(chunk, cfg.v)), dtype=torch.int8, device=c.device)
+        torch.empty((token_blocks, triton.cdiv(widest, cfg.v)), dtype=torch.int8, device=c.device)
         if flagged
         else None
     )
     dbias = (
-        torch.empty((token_blocks, chunk), dtype=torch.float32, device=c.device)
+        torch.empty((token_blocks, widest), dtype=torch.float32, device=c.device)
         if bias is not None
         else None
     )
@@ -352,18 +361,23 @@ def backward(
     # copy E): 0.068 ms vs 0.20 ms for `grad_matmul` per 8192 x 2304 x 1280 chunk (H100)
     e2d = e2 if c.device.type == "cuda" else None
 
-    hopper = _hopper_dlogits(e2, c, dz, bias is None and not flagged)
+    hopper = _hopper_dlogits(e2, c, dz_buffer, bias is None and not flagged)
     if hopper is not None:
         module, hopper_cfg = hopper
         hopper_dlogits = module.launcher(
-            e2, c, layout.y2, dz, lse, g_nll, g_lse, hopper_cfg,
+            e2, c, layout.y2, lse, g_nll, g_lse, hopper_cfg,
             seq_len=layout.seq_len, vocab_start=vocab_start, target_weight=target_weight,
             uniform_weight=uniform_weight, logit_scale=logit_scale, softcap=softcap,
         )  # fmt: skip
 
-    def dlogits(v0: int, cl: int, work: ChunkWork):
+    def chunk_dz(ch: grad_e.Chunk) -> torch.Tensor:  # [N, rows]: the buffer, or dC's free rows
+        if ch.dz_at is None:
+            return dz_buffer[:, : ch.rows]
+        return grad_c.view(-1)[ch.dz_at : ch.dz_at + n * ch.rows].view(n, ch.rows)
+
+    def dlogits(v0: int, cl: int, work: ChunkWork, dz: torch.Tensor):
         if hopper is not None:
-            hopper_dlogits(v0, cl)
+            hopper_dlogits(v0, dz)
             return
         _cce_dlogits_kernel[(token_blocks * triton.cdiv(cl, cfg.v),)](
             e_desc if tma else layout.e3,
@@ -422,14 +436,14 @@ def backward(
             num_stages=cfg.stages,
         )
 
-    def class_grad(v0: int, cl: int, work: ChunkWork):  # dC[chunk] = dz^T @ E from the buffer
+    def class_grad(v0: int, cl: int, work: ChunkWork, dz: torch.Tensor):  # dC[chunk] = dz^T @ E
         if not work.live:
             grad_c[v0 : v0 + cl].zero_()
         elif e2d is not None and not work.sparse_c:
-            torch.mm(dz[:, :cl].t(), e2d, out=grad_c[v0 : v0 + cl])
+            torch.mm(dz.t(), e2d, out=grad_c[v0 : v0 + cl])
         else:
             grad_matmul(
-                dz[:, :cl].t(),
+                dz.t(),
                 layout.e3,
                 grad_c[v0 : v0 + cl].unsqueeze(0),
                 mode=STORE,
@@ -439,35 +453,34 @@ def backward(
                 **gemm,
             )
 
-    order = grad_e.chunks(v, chunk)
     works = dict(zip(order, chunk_work(order, mode, plan, cfg.v), strict=True))
-    deferred = grad_e.deferred(order, acc_e.first_deferred_row)
-    for v0, cl in order:
-        work = works[v0, cl]
+    deferred = acc_e.deferred()
+    for ch in order:
+        v0, cl, work, dz_c = ch.begin, ch.rows, works[ch], chunk_dz(ch)
         if work.live:
-            dlogits(v0, cl, work)
+            dlogits(v0, cl, work, dz_c)
             acc_e.add(
-                dz[:, :cl],
+                dz_c,
                 c[v0 : v0 + cl],
                 skip=skip[:, : triton.cdiv(cl, cfg.v)] if work.sparse_e else None,
                 skip_tile=(cfg.n, cfg.v),
                 blocks=(min(cfg.n, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
                 gemm=gemm,
             )
-        if (v0, cl) == order[-1]:  # dE is final
+        if ch == order[-1]:  # dE is final
             acc_e.finish(grad_e3)
             if grad_e_ready is not None:
                 grad_e_ready()
-        if (v0, cl) not in deferred:
-            class_grad(v0, cl, work)
+        if ch not in deferred:
+            class_grad(v0, cl, work, dz_c)
         if dbias is not None and work.live:
             grad_bias[v0 : v0 + cl] = dbias[:, :cl].sum(dim=0)  # fixed-order reduction
         elif dbias is not None:
             grad_bias[v0 : v0 + cl] = 0
-    # chunks whose dC rows held the dE scratch: the last one's dz is still in the buffer
-    for v0, cl in reversed(deferred):
-        work = works[v0, cl]
-        if (v0, cl) != order[-1] and work.live:
-            dlogits(v0, cl, work)
-        class_grad(v0, cl, work)
+    # chunks whose dC rows held the dE scratch (never borrowing): the last one's dz is live
+    for ch in reversed(deferred):
+        v0, cl, work, dz_c = ch.begin, ch.rows, works[ch], chunk_dz(ch)
+        if ch != order[-1] and work.live:
+            dlogits(v0, cl, work, dz_c)
+        class_grad(v0, cl, work, dz_c)
     return grad_c, grad_bias

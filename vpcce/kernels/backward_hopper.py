@@ -171,9 +171,9 @@ def supported(
     return cfg is not None and forward_supported(e2, c, cfg) and tma_addressable(dz)
 
 
-def launcher(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_start,
+def launcher(e2, c, y2, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_start,
              target_weight, uniform_weight, logit_scale, softcap):  # fmt: skip
-    """``dlogits(chunk_begin, chunk_len)``: write ``dz[:, :chunk_len]`` of that chunk.
+    """``dlogits(chunk_begin, dz)``: write the ``[N, rows]`` ``dz`` of the chunk from that row.
 
     The operands' TMA descriptors and the launch arguments are built once per backward, not
     per chunk (a backward launches ~70 chunks).
@@ -194,20 +194,20 @@ def launcher(e2, c, y2, dz, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_st
         GROUP=GROUP, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=4, maxnreg=168,
     )  # fmt: skip
-    dz_descs = {}
+    dz_descs = {}  # a few dz views recur (the buffer's chunk lengths): build each once
 
-    def dlogits(chunk_begin: int, chunk_len: int) -> None:
-        if chunk_len not in dz_descs:  # TMA clips the store at the chunk's last column
-            dz_descs[chunk_len] = TensorDescriptor.from_tensor(
-                dz[:, :chunk_len], [_ROWS, cfg.v], dz_layout
-            )
+    def dlogits(chunk_begin: int, dz: torch.Tensor) -> None:
+        chunk_len = dz.shape[1]
+        key = (dz.data_ptr(), chunk_len, dz.stride(0))
+        if key not in dz_descs:  # TMA clips the store at the chunk's last column
+            dz_descs[key] = TensorDescriptor.from_tensor(dz, [_ROWS, cfg.v], dz_layout)
         tiles = triton.cdiv(chunk_len, cfg.v)
         if cfg.tiles_per_program is None:
             splits = num_splits(n, tiles, cfg, sms, e_in_l2)
         else:
             splits = min(num_splits(n, tiles, cfg, sms), triton.cdiv(tiles, cfg.tiles_per_program))
         _cce_dlogits_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
-            e_desc, c_desc, dz_descs[chunk_len], y2, lse, g_nll,
+            e_desc, c_desc, dz_descs[key], y2, lse, g_nll,
             g_lse if g_lse is not None else lse,
             n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, triton.cdiv(tiles, splits),
             y2.stride(0), y2.stride(1), *scalars, **flags,

@@ -1,15 +1,17 @@
-"""Where and how the backward accumulates ``dE = sum over vocabulary chunks of dz @ C[chunk]``.
+"""Where and how the backward accumulates ``dE = sum over vocabulary chunks of dz @ C[chunk]``,
+and where each chunk's ``dz`` lives.
 
 The hidden-state gradient sums one product per vocabulary chunk, so a 16-bit gradient needs more
 than 16 bits while it accumulates. The accumulator, in order of preference:
 
 - `IN_PLACE`: the gradient itself when it is fp32 (fp32 inputs, or a vocab-parallel fp32
   reduction buffer);
-- `SCRATCH`: an fp32 ``[N, D]`` accumulator borrowed from the tail of the classifier gradient's
-  own buffer, whose rows are not written yet. The chunks overlapping it write their dC once dE is
-  final (the last chunk from its live dz, the others after recomputing theirs): no memory, at the
-  cost of recomputing ~2N vocabulary rows, taken only when that is at most `MAX_RECOMPUTE` of the
-  shard;
+- `SCRATCH`: an fp32 ``[N, D]`` accumulator in memory that holds nothing yet: its first half of
+  the tokens in the 16-bit gradient's own buffer (half the bytes of an fp32 matrix), the rest in
+  the tail of the classifier gradient's buffer, whose rows are written last. The chunks
+  overlapping that tail write their dC once dE is final (the last chunk from its live dz, the
+  others after recomputing theirs): no memory, at the cost of recomputing ~N vocabulary rows,
+  taken only when that is at most `MAX_RECOMPUTE` of the shard;
 - `FP32`: a separate fp32 buffer, when fp32 accumulation was asked for (``accum_e_fp32``) and the
   scratch would cost too much recompute;
 - `HI_LO`: the 16-bit gradient plus a 16-bit ``[N, D]`` residual (`vpcce.kernels.matmul`).
@@ -17,6 +19,11 @@ than 16 bits while it accumulates. The accumulator, in order of preference:
 Each chunk's product goes through cuBLAS (``addmm`` with an fp32 output, deterministic) where the
 accumulator is one plain fp32 matrix on CUDA and no tile filter applies; else `grad_matmul`.
 H100, N 8192 x D 2304, K 1280 (2026-11-25): cuBLAS into fp32 0.171 ms, Triton hi/lo 0.25 ms.
+
+Chunk sizes (`schedule`): each chunk reads and writes the whole ``[N, D]`` fp32 accumulator, so
+fewer, larger chunks move less memory. The ``[N, chunk]`` dz buffer is bounded (64 MB bar), but
+dC's rows that no chunk has written yet are free too: while they can hold a chunk larger than
+the buffer, the chunk's dz goes there (Llama 3 head, N 16384: 26 chunks instead of 72).
 """
 
 from __future__ import annotations
@@ -35,6 +42,13 @@ IN_PLACE, SCRATCH, FP32, HI_LO_PAIR = "in_place", "scratch", "fp32", "hi_lo"
 # shard's vocabulary a separate buffer (or the hi/lo residual) is cheaper.
 MAX_RECOMPUTE = 0.3
 
+# Element alignment of everything placed inside dC's buffer: 16 bytes for cuBLAS and TMA, in
+# elements of up to 8 bytes, with room to spare (128 bytes for 16-bit elements).
+_ALIGN = 64
+
+# Rows of the first block narrowed from fp32 to 16 bits through a temporary (`_narrow_in_place`).
+_NARROW_BYTES = 2**20
+
 # torch.addmm(..., out_dtype=torch.float32) (16-bit operands into an fp32 output) needs torch 2.8
 _ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
@@ -45,49 +59,111 @@ def chunk_len(num_tokens: int, vocab: int, element_size: int, tile: int, dz_byte
     return max(tile, min(rows // tile * tile, triton.cdiv(vocab, tile) * tile))
 
 
-def chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
-    """``(first row, rows)`` of each vocabulary chunk, in order."""
-    return [(v0, min(chunk, vocab - v0)) for v0 in range(0, vocab, chunk)]
+@dataclass(frozen=True)
+class Chunk:
+    """One vocabulary chunk of the backward."""
+
+    begin: int  # first vocabulary row
+    rows: int
+    dz_at: int | None = None  # element offset of its [N, rows] dz in dC's buffer; None: the buffer
+
+
+def schedule(
+    num_tokens: int, vocab: int, dim: int, *, chunk: int, tile: int, free_end: int | None
+) -> list[Chunk]:
+    """The chunks, in order. A chunk starting at row ``v0`` may put its dz in dC's elements
+    ``[v0 + rows) * D .. free_end``, which no chunk has written yet (``free_end``: where dC's
+    unwritten memory ends, None: do not borrow it); it does when they hold more than ``chunk``
+    rows (a multiple of ``tile``), else it takes ``chunk`` rows and the dz buffer."""
+    out, v0 = [], 0
+    while v0 < vocab:
+        rows = 0
+        if free_end is not None:  # (v0 + rows) D + N rows <= free_end, with alignment slack
+            rows = max(free_end - _ALIGN - v0 * dim, 0) // (dim + num_tokens)
+            rows = min(rows, vocab - v0) // tile * tile
+        if rows > chunk:
+            dz_at = (free_end - num_tokens * rows) // _ALIGN * _ALIGN
+            out.append(Chunk(v0, rows, dz_at))
+        else:
+            out.append(Chunk(v0, min(chunk, vocab - v0)))
+        v0 += out[-1].rows
+    return out
 
 
 def _scratch_start(num_tokens: int, vocab: int, dim: int) -> int:
-    """Offset of the fp32 scratch in the flat ``[V, D]`` 16-bit buffer: its last ``2 N D``
-    elements, the start rounded down to 16 bytes (cuBLAS and fp32 views want aligned operands).
-    Negative when it does not fit."""
-    return (vocab * dim - 2 * num_tokens * dim) // 8 * 8
+    """Offset of an fp32 ``[num_tokens, D]`` scratch in the flat ``[V, D]`` 16-bit buffer: its
+    last ``2 num_tokens D`` elements, the start aligned down. Negative when it does not fit."""
+    return (vocab * dim - 2 * num_tokens * dim) // _ALIGN * _ALIGN
 
 
-def scratch_first_row(num_tokens: int, vocab: int, dim: int) -> int:
-    """First classifier-gradient row the fp32 scratch overlaps (negative: it does not fit)."""
-    start = _scratch_start(num_tokens, vocab, dim)
-    return start // dim if start >= 0 else -1
+def _own_rows(grad_e3: torch.Tensor, row_block: int) -> int:
+    """Tokens whose fp32 accumulator rows fit in the 16-bit gradient's own buffer: half of them,
+    whole token blocks; 0 when that buffer is not one contiguous aligned matrix."""
+    b, t, _ = grad_e3.shape
+    if grad_e3.element_size() != 2 or not grad_e3.is_contiguous() or grad_e3.data_ptr() % 16:
+        return 0
+    return b * t // 2 // row_block * row_block
 
 
-def deferred(order: list[tuple[int, int]], first_row: int) -> list[tuple[int, int]]:
+def deferred(order: list[Chunk], first_row: int) -> list[Chunk]:
     """The chunks of ``order`` whose dC rows reach ``first_row``: written after dE is final."""
-    return [(v0, cl) for v0, cl in order if v0 + cl > first_row]
+    return [ch for ch in order if ch.begin + ch.rows > first_row]
 
 
-def recompute_rows(num_tokens: int, vocab: int, dim: int, chunk: int) -> int:
+def recompute_rows(order: list[Chunk], first_row: int) -> int:
     """Vocabulary rows whose dz the scratch forces to recompute (the last chunk's dz is live)."""
-    order = chunks(vocab, chunk)
-    first = scratch_first_row(num_tokens, vocab, dim)
-    return sum(cl for v0, cl in deferred(order, first) if (v0, cl) != order[-1])
+    return sum(ch.rows for ch in deferred(order, first_row) if ch != order[-1])
+
+
+def _narrow_in_place(acc: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = acc`` for an fp32 ``acc`` ``[R, D]`` and a 16-bit ``out`` ``[R, D]`` that start
+    at the same address. Row block ``[a, a + s)`` with ``s <= a`` writes the bytes of fp32 rows
+    below ``a``, already narrowed, so blocks double in order; the first goes through a
+    temporary."""
+    rows, dim = acc.shape
+    done = min(rows, max(1, _NARROW_BYTES // (dim * acc.element_size())))
+    out[:done].copy_(acc[:done].to(out.dtype))
+    while done < rows:
+        step = min(done, rows - done)
+        out[done : done + step].copy_(acc[done : done + step])
+        done += step
 
 
 @dataclass
 class EGradAccumulator:
-    """The chosen accumulator of dE and the chunking that goes with it."""
+    """The chosen accumulator of dE and the chunks that go with it."""
 
     kind: str
-    acc3: torch.Tensor  # what each chunk's product is added into ([B, T', D] or [1, N, D])
+    # (first token, end token, what those tokens' products are added into: [B, T', D] or
+    # [1, rows, D]); SCRATCH's first part lives in the gradient's own buffer
+    parts: list[tuple[int, int, torch.Tensor]]
     lo: torch.Tensor | None  # HI_LO_PAIR's residual
-    chunk: int  # vocabulary rows per chunk
+    order: list[Chunk]
     first_deferred_row: int  # chunks reaching this row write dC after dE is final
+
+    @property
+    def dz_columns(self) -> int:
+        """Columns the dz buffer needs: the largest chunk that does not borrow dC's rows."""
+        return max((ch.rows for ch in self.order if ch.dz_at is None), default=0)
+
+    def deferred(self) -> list[Chunk]:
+        return deferred(self.order, self.first_deferred_row)
 
     def add(self, dz_chunk, c_chunk, *, skip, skip_tile, blocks, gemm):
         """``acc += dz_chunk @ c_chunk``; ``skip`` (tile flags) drops filtered K steps."""
-        acc2 = plain_matrix(self.acc3)
+        for r0, r1, acc3 in self.parts:
+            self._add(
+                dz_chunk[r0:r1],
+                c_chunk,
+                acc3,
+                skip=None if skip is None else skip[r0 // skip_tile[0] :],
+                skip_tile=skip_tile,
+                blocks=blocks,
+                gemm=gemm,
+            )
+
+    def _add(self, dz_chunk, c_chunk, acc3, *, skip, skip_tile, blocks, gemm):
+        acc2 = plain_matrix(acc3)
         cublas = (
             skip is None
             and self.kind != HI_LO_PAIR
@@ -104,7 +180,7 @@ class EGradAccumulator:
             grad_matmul(
                 dz_chunk,
                 c_chunk.unsqueeze(0),
-                self.acc3,
+                acc3,
                 mode=HI_LO if self.kind == HI_LO_PAIR else ADD,
                 lo=self.lo,
                 blocks=blocks,
@@ -115,8 +191,15 @@ class EGradAccumulator:
 
     def finish(self, grad_e3: torch.Tensor):
         """Write the accumulated dE into the gradient (no-op when it accumulated in place)."""
-        if self.kind in (SCRATCH, FP32):
-            grad_e3.copy_(self.acc3.view(grad_e3.shape))
+        if self.kind not in (SCRATCH, FP32):
+            return
+        if len(self.parts) == 1:
+            grad_e3.copy_(self.parts[0][2].view(grad_e3.shape))
+            return
+        (_, own, mine), (_, n, tail) = self.parts  # SCRATCH in two parts: grad_e3 is contiguous
+        grad_e2 = grad_e3.view(n, -1)
+        _narrow_in_place(mine[0], grad_e2[:own])  # first: the tail's rows overwrite the rest
+        grad_e2[own:].copy_(tail[0])
 
 
 def accumulator(
@@ -125,30 +208,44 @@ def accumulator(
     *,
     accum_fp32: bool,
     tile: int,
+    row_block: int,
     work_bytes: int,
     min_dz_bytes: int,
     chunk_bytes: int | None,
+    borrow: bool,
 ) -> EGradAccumulator:
-    """Choose the accumulator (module docstring) and the chunk length its memory leaves.
+    """Choose the accumulator (module docstring) and the chunks its memory leaves.
 
     ``work_bytes`` bounds the working memory (dz and, for `HI_LO_PAIR`, the residual);
-    ``chunk_bytes`` overrides the dz budget.
+    ``chunk_bytes`` overrides the dz budget. ``borrow``: chunks may put their dz in dC's unwritten
+    rows. ``row_block``: tokens per tile of the skip flags (the scratch splits between tiles).
     """
     b, t, d = grad_e3.shape
     n, (v, _) = b * t, grad_c.shape
     esize = grad_c.element_size()
     chunk = chunk_len(n, v, esize, tile, chunk_bytes or work_bytes)
+
+    def order(chunk: int, free_end: int) -> list[Chunk]:
+        return schedule(n, v, d, chunk=chunk, tile=tile, free_end=free_end if borrow else None)
+
     if grad_e3.dtype == torch.float32:
-        return EGradAccumulator(IN_PLACE, grad_e3.zero_(), None, chunk, v)
-    first = scratch_first_row(n, v, d)
-    if first >= 0 and MAX_RECOMPUTE > 0 and recompute_rows(n, v, d, chunk) <= MAX_RECOMPUTE * v:
-        begin = _scratch_start(n, v, d)
-        acc = grad_c.view(-1)[begin : begin + 2 * n * d].view(torch.float32).view(1, n, d).zero_()
-        return EGradAccumulator(SCRATCH, acc, None, chunk, first)
+        return EGradAccumulator(IN_PLACE, [(0, n, grad_e3.zero_())], None, order(chunk, v * d), v)
+    own = _own_rows(grad_e3, row_block)
+    start = _scratch_start(n - own, v, d)
+    if start >= 0 and MAX_RECOMPUTE > 0:
+        scratch_order = order(chunk, start)
+        first = start // d
+        if recompute_rows(scratch_order, first) <= MAX_RECOMPUTE * v:
+            tail = grad_c.view(-1)[start : start + 2 * (n - own) * d].view(torch.float32)
+            parts = [(own, n, tail.view(1, n - own, d).zero_())]
+            if own:
+                mine = grad_e3.view(-1)[: 2 * own * d].view(torch.float32)
+                parts.insert(0, (0, own, mine.view(1, own, d).zero_()))
+            return EGradAccumulator(SCRATCH, parts, None, scratch_order, first)
     if accum_fp32:
         acc = torch.zeros((1, n, d), dtype=torch.float32, device=grad_e3.device)
-        return EGradAccumulator(FP32, acc, None, chunk, v)
+        return EGradAccumulator(FP32, [(0, n, acc)], None, order(chunk, v * d), v)
     residual = n * d * esize
     chunk = chunk_len(n, v, esize, tile, chunk_bytes or max(min_dz_bytes, work_bytes - residual))
     lo = torch.zeros((n, d), dtype=grad_e3.dtype, device=grad_e3.device)
-    return EGradAccumulator(HI_LO_PAIR, grad_e3.zero_(), lo, chunk, v)
+    return EGradAccumulator(HI_LO_PAIR, [(0, n, grad_e3.zero_())], lo, order(chunk, v * d), v)
