@@ -79,6 +79,7 @@ def plot(report: dict, path: Path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as err:
         return f"no PNG: matplotlib is not importable ({err})"
     cfg = report["config"]
@@ -90,7 +91,8 @@ def plot(report: dict, path: Path) -> str | None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["n"])
-        style = dict(linestyle="--", color="gray") if name == FLOOR else dict(marker="o")
+        floor = dict(linestyle="--", marker="x", color="gray")  # a marker: one N is one point
+        style = floor if name == FLOOR else dict(marker="o")
         label = f"GEMM floor (x{FLOOR_FACTOR[kind]})" if name == FLOOR else name
         pts = [(r["n"], r["ms"][kind]) for r in mine if r.get("ms", {}).get(kind, 0) > 0]
         if pts:
@@ -102,7 +104,9 @@ def plot(report: dict, path: Path) -> str | None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(cfg["n"], [str(n) for n in cfg["n"]])
-        ax.minorticks_off()
+        # no minor ticks on N (powers of 2 are labelled); on y they carry the labels when the
+        # values span less than a decade (one N, or close methods)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("N (tokens)")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
