@@ -537,6 +537,8 @@ def test_borrowed_chunks_fit_in_unwritten_rows(n, v, d, chunk, tile):
         assert ch.rows > chunk and ch.rows % tile == 0 and ch.dz_at % 64 == 0
         assert (ch.begin + ch.rows) * d <= ch.dz_at and ch.dz_at + n * ch.rows <= free_end
     assert all(ch.rows <= chunk for ch in order[len(borrowed) :])
+    # their dC rows are written before the scratch's: a borrowed dz is never recomputed
+    assert not set(borrowed) & set(grad_e.deferred(order, free_end // d))
 
 
 def test_narrow_in_place():
@@ -776,16 +778,16 @@ def test_filter_skipping_every_tile(dtype):
     )
 
 
-def _peaked(dtype=torch.float32, v=V_SMALL):
+def _peaked(dtype=torch.float32, v=V_SMALL, shape=(2, 20)):
     """Inputs whose softmax peaks (p ~ 1) inside the first vocab tile: e close to 5 c[peak]; odd
     tokens' targets differ from their peak, so the first tile keeps |p - q| ~ 1 while the other
     tiles hold only small p."""
     g = torch.Generator().manual_seed(12)
     _, c, _, _ = make_inputs(d=D_SMALL, v=v, seed=12)
-    peak = torch.randint(0, blocks().v, (2, 20), generator=g)
+    peak = torch.randint(0, blocks().v, shape, generator=g)
     y = peak.clone()
-    y[:, 1::2] = torch.randint(0, blocks().v, (2, 10), generator=g)
-    e = 5 * c[peak] + 0.1 * torch.randn(2, 20, D_SMALL, generator=g)
+    y[..., 1::2] = torch.randint(0, blocks().v, y[..., 1::2].shape, generator=g)
+    e = 5 * c[peak] + 0.1 * torch.randn(*shape, D_SMALL, generator=g)
     return e.to(dtype), c.to(dtype), y
 
 
@@ -880,6 +882,57 @@ def test_chunks_dropped_whole_cost_nothing(dtype, monkeypatch):
     )  # fmt: skip
     assert any(not w.live for w in works) and any(w.live for w in works)
     assert (got[2] == 0).all() and (got[3] == 0).all()
+
+
+def _spy_accumulators(monkeypatch) -> list:
+    chosen, real = [], grad_e.accumulator
+    monkeypatch.setattr(
+        grad_e, "accumulator", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1]
+    )
+    return chosen
+
+
+def test_split_scratch_with_filter_equals_an_fp32_buffer(monkeypatch):
+    """Filtered and planned, one sequence: each part of the split dE scratch takes its own rows
+    of the tile flags. dE and dC are bitwise those of one fp32 buffer (the CPU GEMM adds K steps
+    in order, whatever the chunks)."""
+    e, c, y = _peaked(torch.bfloat16, v=V, shape=(1, 80))
+    opts = dict(filter_eps=1e-3, chunk_bytes=_chunk_bytes_for(80, torch.bfloat16))
+    chosen, plans = _spy_accumulators(monkeypatch), []
+    _spy_plans(monkeypatch, plans)
+    split = run("triton", e, c, y, **opts)
+    assert chosen[-1].kind == grad_e.SCRATCH and len(chosen[-1].parts) == 2
+    assert 0 < plans[0].sum() < plans[0].numel()  # some tiles dropped, not all
+    monkeypatch.setattr(grad_e, "MAX_RECOMPUTE", 0.0)
+    fp32 = run("triton", e, c, y, accum_e_fp32=True, **opts)
+    assert chosen[-1].kind == grad_e.FP32
+    assert_bitwise(split, fp32)
+
+
+def test_fp32_classifier_with_a_16_bit_hidden_gradient(monkeypatch):
+    """fp32 inputs whose hidden gradient is reduced in 16 bits (vocab parallel, bf16
+    ``reduce_dtype``): the fp32 scratch takes D elements per token of the fp32 dC, half the rows
+    of a 16-bit dC. Same dC (bitwise) and dE (rounded) as an fp32 hidden gradient."""
+    e, c, _, y = make_inputs(lead=(1,), t=80, seed=23)
+    layout = make_layout(e, y, 0)
+    lse = torch.logsumexp(layout.e3.reshape(80, -1) @ c.T, dim=1)
+    g_nll = torch.ones(80)
+    chosen = _spy_accumulators(monkeypatch)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        grad_e3 = torch.full(layout.e3.shape, float("nan"), dtype=dtype)
+        grad_c, _ = vpcce.kernels.backward(
+            layout, grad_e3, c, None, lse=lse, g_nll=g_nll, g_lse=None, vocab_start=0,
+            target_weight=1.0, uniform_weight=0.0, logit_scale=1.0, softcap=None,
+            mode=BackwardMode(), chunk_bytes=_chunk_bytes_for(80, torch.float32),
+        )  # fmt: skip
+        grads[dtype] = grad_e3, grad_c
+    assert [a.kind for a in chosen] == [grad_e.IN_PLACE, grad_e.SCRATCH]
+    assert len(chosen[1].parts) == 2
+    assert grad_e.recompute_rows(chosen[1].order, chosen[1].first_deferred_row) > 0
+    (de32, dc32), (de16, dc16) = grads[torch.float32], grads[torch.bfloat16]
+    assert torch.equal(dc16, dc32)
+    assert rel_err(de16, de32) <= 2**-8, rel_err(de16, de32)
 
 
 # ---------------------------------------------------------------------------------------------

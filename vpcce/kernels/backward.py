@@ -249,8 +249,9 @@ def chunk_work(
 
 def _hopper_dlogits(e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, exact: bool):
     """(`vpcce.kernels.backward_hopper`, its tiles) when that kernel takes this backward: exact
-    (no filter flags, no plan), no bias, and operands TMA can address (``dz``: the dz buffer; the
-    chunks that borrow dC's rows are aligned like it); else None."""
+    (no filter flags, no plan), no bias, and operands TMA can address; else None. ``dz`` is the
+    dz buffer. The views of borrowing chunks are aligned by construction: dC is a fresh
+    allocation, their offsets are multiples of 64 elements and their widths whole tiles."""
     cfg = hopper_backward_blocks()
     if cfg is None or not exact or c.device.type != "cuda" or cfg.v != blocks(c.dtype).v:
         return None

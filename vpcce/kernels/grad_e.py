@@ -46,7 +46,8 @@ MAX_RECOMPUTE = 0.3
 # elements of up to 8 bytes, with room to spare (128 bytes for 16-bit elements).
 _ALIGN = 64
 
-# Rows of the first block narrowed from fp32 to 16 bits through a temporary (`_narrow_in_place`).
+# Bytes of fp32 rows in the first block narrowed to 16 bits through a temporary
+# (`_narrow_in_place`): the temporary's size is half of that.
 _NARROW_BYTES = 2**20
 
 # torch.addmm(..., out_dtype=torch.float32) (16-bit operands into an fp32 output) needs torch 2.8
@@ -71,10 +72,11 @@ class Chunk:
 def schedule(
     num_tokens: int, vocab: int, dim: int, *, chunk: int, tile: int, free_end: int | None
 ) -> list[Chunk]:
-    """The chunks, in order. A chunk starting at row ``v0`` may put its dz in dC's elements
-    ``[v0 + rows) * D .. free_end``, which no chunk has written yet (``free_end``: where dC's
-    unwritten memory ends, None: do not borrow it); it does when they hold more than ``chunk``
-    rows (a multiple of ``tile``), else it takes ``chunk`` rows and the dz buffer."""
+    """The chunks, in order. A chunk of ``rows`` rows from row ``v0`` may put its dz in dC's
+    elements from ``(v0 + rows) D`` to ``free_end``, which no chunk has written yet
+    (``free_end``: where dC's unwritten memory ends, None: do not borrow it). It does when they
+    hold more than ``chunk`` rows (whole ``tile`` multiples), else it takes ``chunk`` rows and
+    the dz buffer. A borrowing chunk ends before ``free_end``'s row, so it is never deferred."""
     out, v0 = [], 0
     while v0 < vocab:
         rows = 0
@@ -90,10 +92,16 @@ def schedule(
     return out
 
 
-def _scratch_start(num_tokens: int, vocab: int, dim: int) -> int:
-    """Offset of an fp32 ``[num_tokens, D]`` scratch in the flat ``[V, D]`` 16-bit buffer: its
-    last ``2 num_tokens D`` elements, the start aligned down. Negative when it does not fit."""
-    return (vocab * dim - 2 * num_tokens * dim) // _ALIGN * _ALIGN
+def _scratch_elements(num_tokens: int, dim: int, element_size: int) -> int:
+    """Elements of a ``[V, D]`` buffer (16- or 32-bit) that an fp32 ``[num_tokens, D]`` takes."""
+    return num_tokens * dim * 4 // element_size
+
+
+def _scratch_start(num_tokens: int, vocab: int, dim: int, element_size: int = 2) -> int:
+    """Offset of an fp32 ``[num_tokens, D]`` scratch in the flat ``[V, D]`` buffer: its last
+    elements, the start aligned down. Negative when it does not fit."""
+    size = _scratch_elements(num_tokens, dim, element_size)
+    return (vocab * dim - size) // _ALIGN * _ALIGN
 
 
 def _own_rows(grad_e3: torch.Tensor, row_block: int) -> int:
@@ -152,6 +160,7 @@ class EGradAccumulator:
     def add(self, dz_chunk, c_chunk, *, skip, skip_tile, blocks, gemm):
         """``acc += dz_chunk @ c_chunk``; ``skip`` (tile flags) drops filtered K steps."""
         for r0, r1, acc3 in self.parts:
+            assert skip is None or r0 % skip_tile[0] == 0, "parts split between skip tiles"
             self._add(
                 dz_chunk[r0:r1],
                 c_chunk,
@@ -230,13 +239,15 @@ def accumulator(
 
     if grad_e3.dtype == torch.float32:
         return EGradAccumulator(IN_PLACE, [(0, n, grad_e3.zero_())], None, order(chunk, v * d), v)
+    # dC is fp32 while dE is 16-bit where fp32 inputs reduce their hidden gradient in 16 bits
     own = _own_rows(grad_e3, row_block)
-    start = _scratch_start(n - own, v, d)
+    start = _scratch_start(n - own, v, d, esize)
     if start >= 0 and MAX_RECOMPUTE > 0:
         scratch_order = order(chunk, start)
         first = start // d
         if recompute_rows(scratch_order, first) <= MAX_RECOMPUTE * v:
-            tail = grad_c.view(-1)[start : start + 2 * (n - own) * d].view(torch.float32)
+            size = _scratch_elements(n - own, d, esize)
+            tail = grad_c.view(-1)[start : start + size].view(torch.float32)
             parts = [(own, n, tail.view(1, n - own, d).zero_())]
             if own:
                 mine = grad_e3.view(-1)[: 2 * own * d].view(torch.float32)
@@ -245,7 +256,7 @@ def accumulator(
     if accum_fp32:
         acc = torch.zeros((1, n, d), dtype=torch.float32, device=grad_e3.device)
         return EGradAccumulator(FP32, [(0, n, acc)], None, order(chunk, v * d), v)
-    residual = n * d * esize
+    residual = n * d * grad_e3.element_size()
     chunk = chunk_len(n, v, esize, tile, chunk_bytes or max(min_dz_bytes, work_bytes - residual))
     lo = torch.zeros((n, d), dtype=grad_e3.dtype, device=grad_e3.device)
     return EGradAccumulator(HI_LO_PAIR, [(0, n, grad_e3.zero_())], lo, order(chunk, v * d), v)
