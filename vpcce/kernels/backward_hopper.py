@@ -176,7 +176,7 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_start,
     """``dlogits(chunk_begin, dz)``: write the ``[N, rows]`` ``dz`` of the chunk from that row.
 
     The operands' TMA descriptors and the launch arguments are built once per backward, not
-    per chunk (a backward launches ~70 chunks).
+    per chunk (a backward launches 20–90 chunks).
     """
     n, d = e2.shape
     e_desc, c_desc, dtype = operand_descriptors(e2, c, cfg)
