@@ -472,6 +472,15 @@ def test_multi_chunk_backward(dtype):
 
 
 
+def _spy_accumulators(monkeypatch) -> list:
+    """The accumulators `vpcce.kernels.grad_e.accumulator` chooses from now on, in order."""
+    chosen, real = [], grad_e.accumulator
+    monkeypatch.setattr(
+        grad_e, "accumulator", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1]
+    )
+    return chosen
+
+
 @pytest.mark.parametrize("kind", [grad_e.SCRATCH, grad_e.FP32, grad_e.HI_LO_PAIR])
 def test_e_gradient_accumulators(monkeypatch, kind):
     """Each way of accumulating a 16-bit dE across chunks (`vpcce.kernels.grad_e`) is as accurate
@@ -481,14 +490,7 @@ def test_e_gradient_accumulators(monkeypatch, kind):
     n = y[..., 1:].numel()
     small = _chunk_bytes_for(n, torch.bfloat16)
     one = run("triton", e, c, y, b, accum_e_fp32=True, **CHUNK_OPTS)
-    chosen = []
-    real = grad_e.accumulator
-
-    def spy(*args, **kwargs):
-        chosen.append(real(*args, **kwargs))
-        return chosen[-1]
-
-    monkeypatch.setattr(grad_e, "accumulator", spy)
+    chosen = _spy_accumulators(monkeypatch)
     monkeypatch.setattr(grad_e, "MAX_RECOMPUTE", 1.0 if kind == grad_e.SCRATCH else 0.0)
     fp32 = kind == grad_e.FP32
     many = run("triton", e, c, y, b, chunk_bytes=small, accum_e_fp32=fp32, **CHUNK_OPTS)
@@ -564,11 +566,7 @@ def test_borrowed_chunks_and_split_scratch(dtype, monkeypatch):
     dtype = DTYPES[dtype]
     e, c, _, y = make_inputs(lead=(1,), t=80, dtype=dtype, seed=21)
     opts = dict(softcap=5.0, label_smoothing=0.1, reduction="sum")
-    chosen = []
-    real = grad_e.accumulator
-    monkeypatch.setattr(
-        grad_e, "accumulator", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1]
-    )
+    chosen = _spy_accumulators(monkeypatch)
     many = run("triton", e, c, y, chunk_bytes=_chunk_bytes_for(80, dtype), **opts)
     (acc,) = chosen
     assert acc.kind == (grad_e.IN_PLACE if dtype == torch.float32 else grad_e.SCRATCH)
@@ -577,7 +575,6 @@ def test_borrowed_chunks_and_split_scratch(dtype, monkeypatch):
     if dtype == torch.bfloat16:
         assert [p[:2] for p in acc.parts] == [(0, 32), (32, 80)]
         assert grad_e.recompute_rows(acc.order, acc.first_deferred_row) > 0
-    monkeypatch.setattr(grad_e, "accumulator", real)
     one = run("triton", e, c, y, chunk_bytes=2**30, accum_e_fp32=True, **opts)
     assert_bitwise(many[:2] + many[3:4], one[:2] + one[3:4], names=("loss", "lse", "dc"))
     tru = truth(e, c, y, **opts)
@@ -882,14 +879,6 @@ def test_chunks_dropped_whole_cost_nothing(dtype, monkeypatch):
     )  # fmt: skip
     assert any(not w.live for w in works) and any(w.live for w in works)
     assert (got[2] == 0).all() and (got[3] == 0).all()
-
-
-def _spy_accumulators(monkeypatch) -> list:
-    chosen, real = [], grad_e.accumulator
-    monkeypatch.setattr(
-        grad_e, "accumulator", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1]
-    )
-    return chosen
 
 
 def test_split_scratch_with_filter_equals_an_fp32_buffer(monkeypatch):
