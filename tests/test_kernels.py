@@ -851,15 +851,24 @@ def test_planned_skips_equal_the_compute_time_filter(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_sparse_dense_and_unsynchronized_chunks_agree(dtype, monkeypatch):
     """A chunk's GEMMs skip flagged tiles (sparse) or multiply their zeros (dense; also every chunk
-    while a CUDA graph is being captured, when the plan's density cannot be read): same result."""
+    while a CUDA graph is being captured, when the plan's density cannot be read): same result.
+    Limits that make every chunk sparse (the Hopper GEMM's) do not read the plan at all."""
     e, c, y = _peaked(DTYPES[dtype], v=V)
     opts = dict(filter_eps=1e-3, chunk_bytes=_chunk_bytes_for(y.numel(), DTYPES[dtype]))
     want = run("triton", e, c, y, **opts)
-    for e_max, c_max, sync in ((0.0, 0.0, True), (1.0, 0.0, True), (1.0, 1.0, False)):
+
+    def no_read(device):
+        pytest.fail("every chunk is sparse: the plan's density need not be read")
+
+    for e_max, c_max, sync in ((0.0, 0.0, True), (1.0, 0.0, True), (0.5, 0.5, False)):
         monkeypatch.setattr(backward_module, "SPARSE_E_MAX", e_max)
         monkeypatch.setattr(backward_module, "SPARSE_C_MAX", c_max)
         monkeypatch.setattr(backward_module, "_may_sync", lambda device, s=sync: s)
         assert_bitwise(run("triton", e, c, y, **opts), want)
+    monkeypatch.setattr(backward_module, "SPARSE_E_MAX", 1.0)
+    monkeypatch.setattr(backward_module, "SPARSE_C_MAX", 1.0)
+    monkeypatch.setattr(backward_module, "_may_sync", no_read)
+    assert_bitwise(run("triton", e, c, y, **opts), want)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

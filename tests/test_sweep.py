@@ -61,10 +61,11 @@ def test_filter_variant_swaps_dispatch_and_summaries_and_records_plans(capsys):
 
     bwd = sweep.bwd_module
     uses = function_module.uses_tile_summaries
-    saved = bwd.SPARSE_E_MAX, bwd.SPARSE_C_MAX, bwd.skip_plan.plan, uses
+    limits = [getattr(bwd, name) for name in sweep.LIMITS]
+    saved = bwd.skip_plan.plan, uses, sweep.matmul_module._hopper_sparse
     plans = []
-    with sweep.filter_variant((1.0, 0.5), False, plans):
-        assert (bwd.SPARSE_E_MAX, bwd.SPARSE_C_MAX) == (1.0, 0.5)
+    with sweep.filter_variant((1.0, 0.5), False, True, plans):
+        assert [getattr(bwd, name) for name in sweep.LIMITS] == [1.0, 0.5, 1.0, 0.5]
         assert function_module.uses_tile_summaries("triton", None, None, False, 1, 1) is False
         bounds = torch.tensor([[-20.0, 0.0]])
         got = bwd.skip_plan.plan(
@@ -72,8 +73,12 @@ def test_filter_variant_swaps_dispatch_and_summaries_and_records_plans(capsys):
             uniform_weight=0.0, filter_eps=1e-3,
         )  # fmt: skip
     assert torch.equal(got, torch.tensor([[1, 0]], dtype=torch.int8)) and plans == [got]
-    assert (bwd.SPARSE_E_MAX, bwd.SPARSE_C_MAX, bwd.skip_plan.plan) == saved[:3]
-    assert function_module.uses_tile_summaries is saved[3]
+    with sweep.filter_variant(None, True, False, []):  # round 10: the Triton GEMM, its limits
+        assert bwd.HOPPER_SPARSE_E_MAX == bwd.SPARSE_E_MAX
+        assert sweep.matmul_module._hopper_sparse() is None
+    assert [getattr(bwd, name) for name in sweep.LIMITS] == limits
+    assert (bwd.skip_plan.plan, function_module.uses_tile_summaries) == saved[:2]
+    assert sweep.matmul_module._hopper_sparse is saved[2]
     row = {"variant": "2^-12", "fwbw_ms": 40.0, "loss_err": 1e-6, "de_err": 0.4, "dc_err": 5e-3,
            "deterministic": True, "extra_mb": 58.0, "planned_skip": 0.84}  # fmt: skip
     sweep.report({"shape": [8, 4, 16], "device": "cpu", "entropy": 5.0, "gemm_ms": 10.0,

@@ -35,6 +35,7 @@ from vpcce.kernels.common import (
     dot_precision,
     even_d,
     hopper_backward_blocks,
+    interpreting,
     logits_tile,
     plain_matrix,
     row_offsets,
@@ -199,13 +200,16 @@ def _cce_dlogits_kernel(
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
-# A chunk whose plan keeps at most this fraction of its tiles takes the tile-skipping Triton GEMM
-# for that gradient; denser chunks take cuBLAS over a dz whose skipped tiles are zeros. H100,
-# 2^-12 filter (docs/perf.md, round 10): all-sparse / all-dense / thresholds 0.6 and 0.3 took
-# 55 / 59 / 46 ms at Gemma 1 nat (sorted vocabulary, 94% of tiles dropped) but 145 / 117 / 135 ms
-# at Llama 5 nats (70% dropped): the Triton GEMM only pays off on nearly empty chunks.
+# A chunk whose plan keeps at most this fraction of its tiles takes the tile-skipping GEMM for
+# that gradient; denser chunks take cuBLAS over a dz whose skipped tiles are zeros. The Triton
+# GEMM: H100, 2^-12 filter (docs/perf.md, round 10): all-sparse / all-dense / thresholds 0.6 and
+# 0.3 took 55 / 59 / 46 ms at Gemma 1 nat (sorted vocabulary, 94% of tiles dropped) but
+# 145 / 117 / 135 ms at Llama 5 nats (70% dropped): it only pays off on nearly empty chunks.
 SPARSE_E_MAX = 0.2
 SPARSE_C_MAX = 0.1
+# The warp-specialized Hopper GEMM (`vpcce.kernels.matmul_hopper`, round 16)
+HOPPER_SPARSE_E_MAX = 1.0
+HOPPER_SPARSE_C_MAX = 1.0
 
 
 @dataclass(frozen=True)
@@ -222,18 +226,45 @@ def _may_sync(device: torch.device) -> bool:
     return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
+def sparse_limits(e2: torch.Tensor | None, c: torch.Tensor) -> tuple[float, float]:
+    """The densest chunk whose dE / dC GEMM skips tiles: `HOPPER_SPARSE_E_MAX` and
+    `HOPPER_SPARSE_C_MAX` where the Hopper GEMM takes both (`matmul_hopper.available`; hidden
+    states that form one matrix), else the Triton GEMM's `SPARSE_E_MAX` and `SPARSE_C_MAX`."""
+    cfg = blocks(c.dtype)
+    if e2 is not None and c.device.type == "cuda" and not interpreting():
+        try:
+            from vpcce.kernels import matmul_hopper
+        except ImportError:  # a Triton without Gluon's Hopper API
+            return SPARSE_E_MAX, SPARSE_C_MAX
+        if all(
+            matmul_hopper.available(c.device, c.dtype, tile)
+            for tile in ((cfg.n, cfg.v), (cfg.v, cfg.n))
+        ):
+            return HOPPER_SPARSE_E_MAX, HOPPER_SPARSE_C_MAX
+    return SPARSE_E_MAX, SPARSE_C_MAX
+
+
 def chunk_work(
-    order: list[grad_e.Chunk], mode: BackwardMode, plan: torch.Tensor | None, tile: int
+    order: list[grad_e.Chunk],
+    mode: BackwardMode,
+    plan: torch.Tensor | None,
+    tile: int,
+    limits: tuple[float, float] = (SPARSE_E_MAX, SPARSE_C_MAX),
 ) -> list[ChunkWork]:
-    """Per chunk of ``order``: skip it, or which GEMMs skip tiles (`SPARSE_E_MAX`).
+    """Per chunk of ``order``: skip it, or which GEMMs skip tiles (``limits``: `sparse_limits`).
 
     With a plan, one host read of its per-chunk density (outside CUDA graph capture; during
-    capture every chunk runs dense, with the same result up to summation order).
+    capture every chunk runs dense, with the same result up to summation order), unless
+    ``limits`` make every chunk sparse.
     """
     if plan is None:  # compute-time filter only: its flags are known after the dlogits kernel
         filtering = mode.filter_eps is not None
         work = ChunkWork(True, filtering and mode.filter_e_grad, filtering and mode.filter_c_grad)
         return [work] * len(order)
+    if min(limits) >= 1.0:  # both GEMMs skip tiles at any density: nothing to read
+        # (the host runs ahead into the backward while the forward computes; an empty chunk
+        # costs a dlogits pass over flags and two GEMMs with no K steps)
+        return [ChunkWork(True, True, True)] * len(order)
     if not _may_sync(plan.device):
         return [ChunkWork(True, False, False)] * len(order)
     live_tiles = (plan == 0).sum(dim=0).tolist()  # the one host read
@@ -243,7 +274,7 @@ def chunk_work(
         v0, cl = ch.begin, ch.rows
         tiles = live_tiles[v0 // tile : triton.cdiv(v0 + cl, tile)]
         density = sum(tiles) / (blocks_ * len(tiles))
-        out.append(ChunkWork(density > 0, density <= SPARSE_E_MAX, density <= SPARSE_C_MAX))
+        out.append(ChunkWork(density > 0, density <= limits[0], density <= limits[1]))
     return out
 
 
@@ -454,7 +485,8 @@ def backward(
                 **gemm,
             )
 
-    works = dict(zip(order, chunk_work(order, mode, plan, cfg.v), strict=True))
+    limits = sparse_limits(e2, c)
+    works = dict(zip(order, chunk_work(order, mode, plan, cfg.v, limits), strict=True))
     deferred = acc_e.deferred()
     for ch in order:
         v0, cl, work, dz_c = ch.begin, ch.rows, works[ch], chunk_dz(ch)

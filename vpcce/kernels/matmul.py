@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels.common import row_offsets, tma_descriptor
+from vpcce.kernels.common import interpreting, plain_matrix, row_offsets, tma_descriptor
 
 STORE, ADD, HI_LO = 0, 1, 2
 
@@ -119,6 +119,19 @@ def _grad_matmul_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _hopper_sparse(a, b3, out3, mode, skip, skip_tile):
+    """`vpcce.kernels.matmul_hopper` when it takes this call (a skip mask, `STORE` or `ADD`, plain
+    matrices on Hopper), with the operands as matrices; else None."""
+    if skip is None or mode == HI_LO or interpreting() or a.device.type != "cuda":
+        return None
+    try:
+        from vpcce.kernels import matmul_hopper
+    except ImportError:  # a Triton without Gluon's Hopper API
+        return None
+    b2, out2 = plain_matrix(b3), plain_matrix(out3)
+    return (matmul_hopper, b2, out2) if matmul_hopper.supported(a, b2, out2, skip_tile) else None
+
+
 def grad_matmul(
     a: torch.Tensor,
     b3: torch.Tensor,
@@ -144,9 +157,14 @@ def grad_matmul(
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     if m == 0 or n == 0:
         return
+    skip_tile = skip_tile or (block_m, block_k)
+    hopper = _hopper_sparse(a, b3, out3, mode, skip, skip_tile)
+    if hopper is not None:  # the warp-specialized kernel walks the kept K blocks only
+        module, b2, out2 = hopper
+        module.launch(a, b2, out2, skip, skip_tile, add=mode == ADD)
+        return
     lo_arg = lo if lo is not None else out3
     skip_arg = skip if skip is not None else a
-    skip_tile = skip_tile or (block_m, block_k)
     a_desc = tma_descriptor(a, [block_m, block_k])
     b_desc = tma_descriptor(b3[0] if b3.shape[0] == 1 else None, [block_k, block_n])
     tma = a_desc is not None and b_desc is not None

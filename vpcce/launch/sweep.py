@@ -12,7 +12,8 @@
   fraction of tiles dropped without recompute; ``--sort-vocab`` numbers the vocabulary by
   frequency;
 - ``--sizes``: forward+backward time per token of the default at other token counts (same D, V);
-- ``--profile``: GPU time per kernel of one default forward+backward (torch.profiler).
+- ``--profile``: GPU time per kernel of one forward+backward (torch.profiler), default mode or
+  ``--profile-filter-eps``.
 
 Data: LM-like peaked logits (`vpcce.launch.data.lm_like`). Markdown tables are printed last;
 ``--json`` keeps every number.
@@ -39,6 +40,7 @@ from vpcce.partials import MAX, SUMEXP
 
 # the module (the package exports the function `backward` under the same name)
 bwd_module = importlib.import_module("vpcce.kernels.backward")
+matmul_module = importlib.import_module("vpcce.kernels.matmul")
 FWD, BWD = common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS
 # the round-8 tiles: 128 x 128, 4 stages, split accumulation (forward and backward)
 ROUND8 = replace(BWD, v=128, stages=4, split_acc=True)
@@ -84,15 +86,16 @@ BACKWARD_VARIANTS = {
 }
 
 
-# name -> (linear_cross_entropy options, (SPARSE_E_MAX, SPARSE_C_MAX) or None: the defaults,
-# tile summaries on)
+# name -> (linear_cross_entropy options, (dE, dC) densest sparse chunk or None: the defaults,
+# tile summaries on, the Hopper tile-skipping GEMM on)
 FILTER_VARIANTS = {
-    "exact (filter_eps=None)": ({"filter_eps": None}, None, True),
-    "2^-12, planned (default)": ({"filter_eps": 2.0**-12}, None, True),
-    "2^-12, planned, dense GEMMs": ({"filter_eps": 2.0**-12}, (0.0, 0.0), True),
-    "2^-12, planned, sparse GEMMs": ({"filter_eps": 2.0**-12}, (1.0, 1.0), True),
-    "2^-12, compute-time filter only": ({"filter_eps": 2.0**-12}, None, False),
-    "1e-5, planned": ({"filter_eps": 1e-5}, None, True),
+    "exact (filter_eps=None)": ({"filter_eps": None}, None, True, True),
+    "2^-12, planned (default)": ({"filter_eps": 2.0**-12}, None, True, True),
+    "2^-12, planned, dense GEMMs": ({"filter_eps": 2.0**-12}, (0.0, 0.0), True, True),
+    "2^-12, planned, sparse at <= 0.5": ({"filter_eps": 2.0**-12}, (0.5, 0.5), True, True),
+    "2^-12, planned, Triton GEMM (round 10)": ({"filter_eps": 2.0**-12}, None, True, False),
+    "2^-12, compute-time filter only": ({"filter_eps": 2.0**-12}, None, False, True),
+    "1e-5, planned": ({"filter_eps": 1e-5}, None, True, True),
 }
 
 
@@ -207,16 +210,27 @@ def sweep_backward(e, c, y) -> list[dict]:
     return rows
 
 
+LIMITS = ("SPARSE_E_MAX", "SPARSE_C_MAX", "HOPPER_SPARSE_E_MAX", "HOPPER_SPARSE_C_MAX")
+
+
 @contextmanager
-def filter_variant(sparse_max, summaries: bool, plans: list):
-    """Swap the chunk dispatch thresholds / turn the tile summaries off; record the plans."""
-    saved = bwd_module.SPARSE_E_MAX, bwd_module.SPARSE_C_MAX, bwd_module.skip_plan.plan
+def filter_variant(sparse_max, summaries: bool, hopper_gemm: bool, plans: list):
+    """Swap the chunk dispatch thresholds (both GEMMs') / turn the tile summaries or the Hopper
+    GEMM off; record the plans."""
+    saved_limits = [getattr(bwd_module, name) for name in LIMITS]
+    saved = bwd_module.skip_plan.plan
     saved_uses = function_module.uses_tile_summaries
+    saved_hopper = matmul_module._hopper_sparse
     if sparse_max is not None:
-        bwd_module.SPARSE_E_MAX, bwd_module.SPARSE_C_MAX = sparse_max
+        for name, value in zip(LIMITS, sparse_max * 2, strict=True):
+            setattr(bwd_module, name, value)
+    if not hopper_gemm:  # the round-10 dispatch: the Triton GEMM and its thresholds
+        bwd_module.HOPPER_SPARSE_E_MAX = bwd_module.SPARSE_E_MAX
+        bwd_module.HOPPER_SPARSE_C_MAX = bwd_module.SPARSE_C_MAX
+        matmul_module._hopper_sparse = lambda *args: None
 
     def plan(*args, **kwargs):
-        plans.append(saved[2](*args, **kwargs))
+        plans.append(saved(*args, **kwargs))
         return plans[-1]
 
     bwd_module.skip_plan.plan = plan
@@ -225,17 +239,23 @@ def filter_variant(sparse_max, summaries: bool, plans: list):
     try:
         yield
     finally:
-        bwd_module.SPARSE_E_MAX, bwd_module.SPARSE_C_MAX, bwd_module.skip_plan.plan = saved
+        for name, value in zip(LIMITS, saved_limits, strict=True):
+            setattr(bwd_module, name, value)
+        bwd_module.skip_plan.plan = saved
         function_module.uses_tile_summaries = saved_uses
+        matmul_module._hopper_sparse = saved_hopper
 
 
 def sweep_filter(e, c, y) -> list[dict]:
     """Each `FILTER_VARIANTS` entry: time, errors against the fp64 truth, tiles dropped unseen."""
     t_loss, t_de, t_dc = truth(e, c, y)
     rows = []
-    for name, (kw, sparse_max, summaries) in FILTER_VARIANTS.items():
+    for name, (kw, sparse_max, summaries, hopper_gemm) in FILTER_VARIANTS.items():
         plans = []
-        with filter_variant(sparse_max, summaries, plans), failure_noted(rows, name):
+        with (
+            filter_variant(sparse_max, summaries, hopper_gemm, plans),
+            failure_noted(rows, name),
+        ):
             loss, de, dc = fwd_bwd(vpcce_loss, e, c, y, **kw)
             again = fwd_bwd(vpcce_loss, e, c, y, **kw)
             rows.append(
@@ -270,14 +290,15 @@ def sweep_sizes(sizes, d, v, entropy) -> list[dict]:
     return rows
 
 
-def profile(e, c, y) -> list[dict]:
-    """GPU milliseconds per kernel name over one default forward+backward (after warm-up)."""
+def profile(e, c, y, **kw) -> list[dict]:
+    """GPU milliseconds per kernel name over one forward+backward (after warm-up); ``kw``:
+    `linear_cross_entropy` options (default: none)."""
     ec = e.detach().requires_grad_(), c.detach().requires_grad_()
-    torch.autograd.grad(vpcce_loss(*ec, y), ec)
+    torch.autograd.grad(vpcce_loss(*ec, y, **kw), ec)
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
-        torch.autograd.grad(vpcce_loss(*ec, y), ec)
+        torch.autograd.grad(vpcce_loss(*ec, y, **kw), ec)
         torch.cuda.synchronize()
     total, calls = defaultdict(float), defaultdict(int)
     for evt in prof.events():
@@ -302,6 +323,9 @@ def main(argv=None):
     )
     parser.add_argument("--sizes", default="", help="other token counts, e.g. 1024,32768")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--profile-filter-eps", type=float, default=None, help="profile this filter (fast: 2^-12)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     batch = lm_like(
@@ -323,7 +347,9 @@ def main(argv=None):
     if "filter" in sections:
         out["filter"] = sweep_filter(e, c, y)
     if args.profile:
-        out["profile"] = profile(e, c, y)
+        kw = {} if args.profile_filter_eps is None else {"filter_eps": args.profile_filter_eps}
+        out["profile"] = profile(e, c, y, **kw)
+        out["profile_filter_eps"] = args.profile_filter_eps
     del batch, e, c, y
     torch.cuda.empty_cache()
     if args.sizes:
@@ -381,7 +407,7 @@ def report(out: dict):
         )
     if "profile" in out:
         table(
-            ["kernel (one default fw+bw)", "GPU ms", "calls"],
+            [f"kernel (one fw+bw, filter_eps {out.get('profile_filter_eps')})", "GPU ms", "calls"],
             out["profile"],
             lambda r: [r["kernel"], f"{r['ms']:.2f}", str(r["calls"])],
         )
