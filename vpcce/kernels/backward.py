@@ -207,7 +207,11 @@ def _cce_dlogits_kernel(
 # 145 / 117 / 135 ms at Llama 5 nats (70% dropped): it only pays off on nearly empty chunks.
 SPARSE_E_MAX = 0.2
 SPARSE_C_MAX = 0.1
-# The warp-specialized Hopper GEMM (`vpcce.kernels.matmul_hopper`, round 16)
+# The warp-specialized Hopper GEMM (`vpcce.kernels.matmul_hopper`, round 16): every chunk, so
+# the plan's density is never read on the host (a sync after the forward: the host could no
+# longer run ahead, and the backward became host-bound). The price is paid by a filter that
+# drops almost nothing: 1e-5 at Llama 5 nats (0.4% of tiles) took 121 ms against 110 exact,
+# ~5 ms of it in these GEMMs against cuBLAS (docs/perf.md rounds 16, 16b).
 HOPPER_SPARSE_E_MAX = 1.0
 HOPPER_SPARSE_C_MAX = 1.0
 
@@ -226,22 +230,30 @@ def _may_sync(device: torch.device) -> bool:
     return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
-def sparse_limits(e2: torch.Tensor | None, c: torch.Tensor) -> tuple[float, float]:
-    """The densest chunk whose dE / dC GEMM skips tiles: `HOPPER_SPARSE_E_MAX` and
-    `HOPPER_SPARSE_C_MAX` where the Hopper GEMM takes both (`matmul_hopper.available`; hidden
-    states that form one matrix), else the Triton GEMM's `SPARSE_E_MAX` and `SPARSE_C_MAX`."""
+def sparse_limits(
+    e2: torch.Tensor | None, c: torch.Tensor, grad_c: torch.Tensor, acc_e: grad_e.EGradAccumulator
+) -> tuple[float, float]:
+    """The densest chunk whose dE / dC GEMM skips tiles: `HOPPER_SPARSE_E_MAX` /
+    `HOPPER_SPARSE_C_MAX` where the Hopper GEMM takes that gradient's calls
+    (`matmul_hopper.takes`: dE into every part of its accumulator, dC from the hidden states as
+    one matrix), else the Triton GEMM's `SPARSE_E_MAX` / `SPARSE_C_MAX`."""
+    triton_limits = SPARSE_E_MAX, SPARSE_C_MAX
+    if c.device.type != "cuda" or interpreting():
+        return triton_limits
+    try:
+        from vpcce.kernels import matmul_hopper
+    except ImportError:  # a Triton without Gluon's Hopper API
+        return triton_limits
     cfg = blocks(c.dtype)
-    if e2 is not None and c.device.type == "cuda" and not interpreting():
-        try:
-            from vpcce.kernels import matmul_hopper
-        except ImportError:  # a Triton without Gluon's Hopper API
-            return SPARSE_E_MAX, SPARSE_C_MAX
-        if all(
-            matmul_hopper.available(c.device, c.dtype, tile)
-            for tile in ((cfg.n, cfg.v), (cfg.v, cfg.n))
-        ):
-            return HOPPER_SPARSE_E_MAX, HOPPER_SPARSE_C_MAX
-    return SPARSE_E_MAX, SPARSE_C_MAX
+    e_takes = acc_e.kind != grad_e.HI_LO_PAIR and all(
+        matmul_hopper.takes(c, plain_matrix(acc3), c.dtype, (cfg.n, cfg.v))
+        for _, _, acc3 in acc_e.parts
+    )
+    c_takes = matmul_hopper.takes(e2, grad_c, c.dtype, (cfg.v, cfg.n))
+    return (
+        HOPPER_SPARSE_E_MAX if e_takes else SPARSE_E_MAX,
+        HOPPER_SPARSE_C_MAX if c_takes else SPARSE_C_MAX,
+    )
 
 
 def chunk_work(
@@ -249,14 +261,16 @@ def chunk_work(
     mode: BackwardMode,
     plan: torch.Tensor | None,
     tile: int,
-    limits: tuple[float, float] = (SPARSE_E_MAX, SPARSE_C_MAX),
+    limits: tuple[float, float] | None = None,
 ) -> list[ChunkWork]:
-    """Per chunk of ``order``: skip it, or which GEMMs skip tiles (``limits``: `sparse_limits`).
+    """Per chunk of ``order``: skip it, or which GEMMs skip tiles (``limits``: `sparse_limits`;
+    default: the Triton GEMM's).
 
     With a plan, one host read of its per-chunk density (outside CUDA graph capture; during
     capture every chunk runs dense, with the same result up to summation order), unless
     ``limits`` make every chunk sparse.
     """
+    limits = limits or (SPARSE_E_MAX, SPARSE_C_MAX)
     if plan is None:  # compute-time filter only: its flags are known after the dlogits kernel
         filtering = mode.filter_eps is not None
         work = ChunkWork(True, filtering and mode.filter_e_grad, filtering and mode.filter_c_grad)
@@ -485,7 +499,7 @@ def backward(
                 **gemm,
             )
 
-    limits = sparse_limits(e2, c)
+    limits = sparse_limits(e2, c, grad_c, acc_e)
     works = dict(zip(order, chunk_work(order, mode, plan, cfg.v, limits), strict=True))
     deferred = acc_e.deferred()
     for ch in order:

@@ -370,6 +370,11 @@ def table(header: list[str], rows: list[dict], cells):
         print("| " + " | ".join(line) + " |")
 
 
+def _profiled(out: dict) -> str:
+    eps = out.get("profile_filter_eps")
+    return "default mode" if eps is None else f"filter_eps {eps:g}"
+
+
 def report(out: dict):
     n, d, v = out["shape"]
     gemm = out["gemm_ms"]
@@ -407,7 +412,7 @@ def report(out: dict):
         )
     if "profile" in out:
         table(
-            [f"kernel (one fw+bw, filter_eps {out.get('profile_filter_eps')})", "GPU ms", "calls"],
+            [f"kernel (one fw+bw, {_profiled(out)})", "GPU ms", "calls"],
             out["profile"],
             lambda r: [r["kernel"], f"{r['ms']:.2f}", str(r["calls"])],
         )
