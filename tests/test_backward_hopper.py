@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from vpcce import linear_cross_entropy
-from vpcce.kernels import backward_hopper, common, forward_hopper
+from vpcce.kernels import backward_hopper, common
 
-pytestmark = pytest.mark.cuda
-
-
-def _hopper_or_skip():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs a Hopper GPU")
-    if not forward_hopper.gluon_validated():
-        pytest.skip("the Gluon kernels are off on this Triton")
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("hopper")]
 
 
 def _grads(e, c, y, hopper, **kw):
@@ -53,7 +46,6 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_matches_triton_dlogits(case, monkeypatch):
-    _hopper_or_skip()
     g = torch.Generator(device="cuda").manual_seed(0)
     n, d, v = case["n"], case["d"], case["v"]
     e = torch.randn(n, d, device="cuda", generator=g).to(torch.bfloat16)
@@ -75,7 +67,6 @@ def test_matches_triton_dlogits(case, monkeypatch):
 
 
 def test_bias_and_filtering_keep_the_triton_kernel(monkeypatch):
-    _hopper_or_skip()
     calls = []
     monkeypatch.setattr(backward_hopper, "launcher", lambda *a, **k: calls.append(1))
     e = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -45,13 +45,6 @@ def test_gluon_kernels_only_on_validated_triton(version, ok):
     assert forward_hopper.gluon_validated(version) is ok
 
 
-def _hopper_or_skip():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs a Hopper GPU")
-    if not forward_hopper.gluon_validated():
-        pytest.skip("the Gluon kernels are off on this Triton")
-
-
 def _partials(e, c, y, bias, hopper, **kw):
     saved = common.HOPPER_FORWARD_BLOCKS
     common.HOPPER_FORWARD_BLOCKS = hopper
@@ -76,8 +69,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("summary", [False, True], ids=["stats", "summary"])
 @pytest.mark.parametrize("split", [1, 2], ids=["split1", "split2"])
-def test_matches_triton_forward(case, summary, split):
-    _hopper_or_skip()
+def test_matches_triton_forward(case, summary, split, hopper):
     g = torch.Generator(device="cuda").manual_seed(0)
     n, d, v = case["n"], case["d"], case["v"]
     e = torch.randn(n, d, device="cuda", generator=g).to(torch.bfloat16)
@@ -111,8 +103,7 @@ def test_matches_triton_forward(case, summary, split):
 
 
 @pytest.mark.cuda
-def test_bf16_plain_operands_take_the_hopper_kernel(monkeypatch):
-    _hopper_or_skip()
+def test_bf16_plain_operands_take_the_hopper_kernel(monkeypatch, hopper):
     calls = []
     monkeypatch.setattr(forward_hopper, "launch", lambda *a, **k: calls.append(a))
     e = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)

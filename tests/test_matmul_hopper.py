@@ -13,21 +13,14 @@ import pytest
 import torch
 
 from vpcce import linear_cross_entropy
-from vpcce.kernels import forward_hopper, matmul, matmul_hopper
+from vpcce.kernels import matmul, matmul_hopper
 from vpcce.kernels.matmul import ADD, STORE, grad_matmul
 from vpcce.launch.data import lm_like
 
 # the module (the package exports the function `backward` under the same name)
 bwd = importlib.import_module("vpcce.kernels.backward")
 
-pytestmark = pytest.mark.cuda
-
-
-def _hopper_or_skip():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs a Hopper GPU")
-    if not forward_hopper.gluon_validated():
-        pytest.skip("the Gluon kernels are off on this Triton")
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("hopper")]
 
 
 def _dropped_entries(skip, m, k, skip_tile):
@@ -56,7 +49,6 @@ SHAPES = {"even": (512, 1024, 512), "ragged": (300, 1000, 200), "one-tile": (128
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("grad", ["dE", "dC"])
 def test_matches_the_kept_product(shape, grad, monkeypatch):
-    _hopper_or_skip()
     calls = _spy(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(0)
     tokens, chunk, d = shape
@@ -97,7 +89,6 @@ def test_matches_the_kept_product(shape, grad, monkeypatch):
 
 
 def test_declines_what_it_cannot_address():
-    _hopper_or_skip()
     a = torch.zeros(256, 512, device="cuda", dtype=torch.bfloat16)
     b = torch.zeros(512, 256, device="cuda", dtype=torch.bfloat16)
     out = torch.zeros(256, 256, device="cuda")
@@ -115,7 +106,6 @@ def test_fast_mode_gradients_match_the_triton_gemm(monkeypatch):
     """The 2^-12 filter end to end (planned, every chunk sparse on Hopper: both gradients' GEMMs
     run it) against the round-10 dispatch (Triton GEMM on nearly empty chunks, cuBLAS over zeros
     elsewhere): the same dropped tiles, so the gradients differ by summation order only."""
-    _hopper_or_skip()
     batch = lm_like(2048, 256, 16384, entropy=5.0, device="cuda")
 
     def grads():
@@ -141,7 +131,6 @@ def test_fast_mode_gradients_match_the_triton_gemm(monkeypatch):
 def test_fast_mode_captures_in_a_cuda_graph(monkeypatch):
     """The planned fast mode reads nothing on the host on Hopper, so a training step captures
     (sync debug mode "error") and replays bitwise equal to eager, on new inputs too."""
-    _hopper_or_skip()
     calls = _spy(monkeypatch)
     batches = [lm_like(1024, 256, 8192, entropy=5.0, device="cuda", seed=s) for s in (0, 1)]
     static = [t.detach().clone().requires_grad_() for t in (batches[0].e, batches[0].c)]
