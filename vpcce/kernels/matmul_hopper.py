@@ -42,7 +42,7 @@ from vpcce.kernels.forward_hopper import (
 )
 
 BLOCK_M = 2 * _ROWS  # output rows per program (two consumer warpgroups)
-BLOCK_N = 256  # output columns per program: one 64 x 256 wgmma accumulator per warpgroup
+BLOCK_N = 256  # output columns per program: two 64 x 128 wgmma accumulators per warpgroup
 BLOCK_K = 64
 STAGES = 4  # 4 x (16 + 32) KB of ring
 GROUP_M = 8  # output row blocks that share a wave (their A rows, every B column block)
