@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 import torch._dynamo
+from graphs import capture
 
 from vpcce import linear_cross_entropy
 
@@ -240,20 +241,7 @@ def test_cuda_graph_step_replays_eager(dtype):
         objective.backward()
         return loss, lse
 
-    # warm-up on a side stream: Triton autotuning and compilation happen here, not in capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            train_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")  # a host synchronization would raise
-    try:
-        with torch.cuda.graph(graph):
-            graph_loss, graph_lse = train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    graph, (graph_loss, graph_lse) = capture(train_step)
     for seed in (0, 1):  # replay on the captured inputs, then on new ones copied in
         fresh = inputs("cuda", t=257, seed=seed, dtype=dtype)
         for s, x in zip(static, fresh[:3], strict=True):

@@ -11,6 +11,7 @@ import importlib
 
 import pytest
 import torch
+from graphs import capture
 
 from vpcce import linear_cross_entropy
 from vpcce.kernels import matmul, matmul_hopper
@@ -73,18 +74,18 @@ def test_matches_the_kept_product(shape, grad, monkeypatch):
     kept_a = a.double().masked_fill(_dropped_entries(skip_ab, *a.shape, skip_tile), 0.0)
     want = kept_a @ other.double() + (start.double() if mode == ADD else 0.0)
 
-    grad_matmul(
-        a, other.unsqueeze(0), out.unsqueeze(0), mode=mode, blocks=(128, 128, 64), upcast=False,
-        precision="tf32", skip=skip_ab, skip_tile=skip_tile,
-    )  # fmt: skip
+    def multiply(into):
+        grad_matmul(
+            a, other.unsqueeze(0), into.unsqueeze(0), mode=mode, blocks=(128, 128, 64),
+            upcast=False, precision="tf32", skip=skip_ab, skip_tile=skip_tile,
+        )  # fmt: skip
+
+    multiply(out)
     assert len(calls) == 1, "the Hopper kernel did not take the call"
     err = ((out.double() - want).norm() / want.norm()).item()
     assert err < (1e-6 if mode == ADD else 4e-3), err  # bf16 output: its rounding
     again = start.clone()
-    grad_matmul(
-        a, other.unsqueeze(0), again.unsqueeze(0), mode=mode, blocks=(128, 128, 64),
-        upcast=False, precision="tf32", skip=skip_ab, skip_tile=skip_tile,
-    )  # fmt: skip
+    multiply(again)
     assert torch.equal(out, again)
 
 
@@ -146,19 +147,7 @@ def test_fast_mode_captures_in_a_cuda_graph(monkeypatch):
         loss.backward()
         return loss
 
-    side = torch.cuda.Stream()  # warm-up (compilation) outside the capture
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            train_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph):
-            graph_loss = train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    graph, graph_loss = capture(train_step, warmup=2)
     assert calls, "the Hopper kernel did not run"
     for batch in batches:
         for s, x in zip(static, (batch.e, batch.c), strict=True):
