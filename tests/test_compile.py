@@ -169,9 +169,10 @@ def test_opcheck(impl, filter_eps):
         torch.float32,
     )
     for b in (bias, None):
-        torch.library.opcheck(fwd, (e, c, targets, b, *options, True, True))
+        # then validate, stats_used, lse_used
+        torch.library.opcheck(fwd, (e, c, targets, b, *options, True, True, True))
         with torch.no_grad():  # the backward op has no backward (no double backward)
-            _, lse, _, _, valid, count, bounds = fwd(e, c, targets, b, *options, True, True)
+            _, lse, _, _, valid, count, bounds = fwd(e, c, targets, b, *options, True, True, True)
         assert (bounds.numel() > 0) == (impl == "triton" and b is None)
         grad_loss = torch.rand(B, T - 1)
         args = (

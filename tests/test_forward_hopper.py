@@ -14,7 +14,7 @@ import torch
 from vpcce.kernels import common, forward_hopper
 from vpcce.kernels.forward import forward_partials
 from vpcce.layout import make_layout
-from vpcce.partials import ARGMAX, SUMZ, argmax_column
+from vpcce.partials import ARGMAX, MAX, SUMEXP, SUMZ, ZTARGET, argmax_column
 
 HOPPER = common.HOPPER_FORWARD_BLOCKS
 
@@ -65,11 +65,8 @@ CASES = {
 }
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize("summary", [False, True], ids=["stats", "summary"])
-@pytest.mark.parametrize("split", [1, 2], ids=["split1", "split2"])
-def test_matches_triton_forward(case, summary, split, hopper):
+def _case_inputs(case):
+    """``E``, ``C``, targets, bias and `forward_partials` options of a `CASES` entry."""
     g = torch.Generator(device="cuda").manual_seed(0)
     n, d, v = case["n"], case["d"], case["v"]
     e = torch.randn(n, d, device="cuda", generator=g).to(torch.bfloat16)
@@ -83,6 +80,16 @@ def test_matches_triton_forward(case, summary, split, hopper):
         bias = (0.1 * torch.randn(v, device="cuda", generator=g)).to(torch.bfloat16)
         bias[v // 3 : v // 3 + 300] = float("-inf")  # masked vocabulary
     kw = dict(vocab_start=case["start"], logit_scale=case["scale"], softcap=case["softcap"])
+    return e, c, y, bias, kw
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("summary", [False, True], ids=["stats", "summary"])
+@pytest.mark.parametrize("split", [1, 2], ids=["split1", "split2"])
+def test_matches_triton_forward(case, summary, split, hopper):
+    e, c, y, bias, kw = _case_inputs(case)
+    n, v = case["n"], case["v"]
     if summary:
         kw["tile_max"] = torch.empty(-(-v // HOPPER.v), n, dtype=torch.bfloat16, device="cuda")
     got, got_max = _partials(e, c, y, bias, replace(HOPPER, split_every=split), **dict(kw))
@@ -100,6 +107,19 @@ def test_matches_triton_forward(case, summary, split, hopper):
     assert (same | ((got[:, SUMZ] - want[:, SUMZ]).abs() <= 2e-5 + 4e-7 * z_abs)).all()
     if summary:  # bf16 of fp32 maxima that may differ in the last fp32 bits: 1 bf16 ulp
         torch.testing.assert_close(got_max.float(), want_max.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("sum_z", [False, True], ids=["loss", "label-smoothing"])
+def test_loss_columns_without_stats_are_bitwise_the_full_ones(case, sum_z, hopper):
+    """Without the entropy / argmax (and the sum of the logits) the epilogue is shorter; what the
+    loss reads is unchanged, bit for bit."""
+    e, c, y, bias, kw = _case_inputs(case)
+    full, _ = _partials(e, c, y, bias, HOPPER, **kw)
+    got, _ = _partials(e, c, y, bias, HOPPER, stats=False, sum_z=sum_z, **kw)
+    read = [MAX, SUMEXP, ZTARGET] + [SUMZ] * sum_z
+    assert torch.equal(got[:, read], full[:, read])
 
 
 @pytest.mark.cuda

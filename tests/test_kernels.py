@@ -352,6 +352,46 @@ def test_num_splits_equals_one_split(num_splits):
     assert rel_err(many[:, :ARGMAX], ref[:, :ARGMAX]) <= 1e-6
 
 
+# (stats, sum_z): which optional columns the caller reads
+LOSS_ONLY = {"loss only": (False, False), "label smoothing": (False, True), "stats": (True, False)}
+
+
+@pytest.mark.parametrize("stats, sum_z", LOSS_ONLY.values(), ids=LOSS_ONLY.keys())
+@pytest.mark.parametrize("splits", [1, 2])
+def test_partials_skip_only_the_columns_not_read(stats, sum_z, splits):
+    """The columns the caller reads are bitwise those of the full partials."""
+    e, c, b, y = _shard_inputs(torch.bfloat16)
+    layout = make_layout(e, y, 1)
+    start, stop = SHARDS[1]
+    kw = dict(vocab_start=start, num_splits=splits, **SHARD_OPTS)
+    full = vpcce.kernels.forward_partials(layout, c[start:stop], b[start:stop], **kw)
+    got = vpcce.kernels.forward_partials(
+        layout, c[start:stop], b[start:stop], stats=stats, sum_z=sum_z, **kw
+    )
+    read = [MAX, SUMEXP, ZTARGET] + [XLOGX] * stats + [SUMZ] * sum_z
+    assert torch.equal(got[:, read], full[:, read])
+    if stats:
+        assert torch.equal(argmax_column(got), argmax_column(full))
+
+
+def test_loss_without_stats_is_the_loss_with_them():
+    """``return_stats=False`` (the forward skips the entropy and argmax partials) changes no
+    output; label smoothing still reads the sum of the logits."""
+    e, c, b, y = make_inputs(dtype=torch.bfloat16, bias=True, seed=22)
+    opts = dict(impl="triton", label_smoothing=0.1, logit_scale=0.5, return_lse=True)
+    ec = [x.detach().requires_grad_() for x in (e, c)]
+    loss, lse, stats = linear_cross_entropy(*ec, y, b, return_stats=True, **opts)
+    grads = torch.autograd.grad(loss, ec)
+    plain = [x.detach().requires_grad_() for x in (e, c)]
+    loss2, lse2 = linear_cross_entropy(*plain, y, b, **opts)
+    assert torch.equal(loss2, loss) and torch.equal(lse2, lse)
+    for got, want in zip(torch.autograd.grad(loss2, plain), grads, strict=True):
+        assert torch.equal(got, want)
+    ref = linear_cross_entropy(e, c, y, b, **{**opts, "impl": "torch", "return_lse": False})
+    assert rel_err(loss2, ref) <= 1e-5, rel_err(loss2, ref)
+    assert torch.isfinite(stats.entropy).all()
+
+
 def test_argmax_ties_pick_the_lowest_id():
     """Integer-valued inputs make exact ties, inside a vocab tile and across tiles and splits."""
     g = torch.Generator().manual_seed(16)

@@ -123,10 +123,10 @@ def linear_cross_entropy(
     with torch.autocast(device_type, enabled=False):
         if torch.compiler.is_compiling():
             loss, lse, entropy, argmax = ops.linear_cross_entropy(
-                e, c, targets, bias, vp, lse_used=return_lse, **options
+                e, c, targets, bias, vp, lse_used=return_lse, stats_used=return_stats, **options
             )
         else:
-            cfg = loss_config(e, c, targets, bias, vp, **options)
+            cfg = loss_config(e, c, targets, bias, vp, stats=bool(return_stats), **options)
             loss, lse, entropy, argmax = _LinearCrossEntropy.apply(e, c, bias, targets, cfg)
 
     # 3. outputs
@@ -143,7 +143,7 @@ def linear_cross_entropy(
 def loss_config(
     e, c, targets, bias, vp: VocabParallelOptions | None, *, ignore_index, softcap, reduction,
     shift, filter_eps, accum_e_fp32, accum_c_fp32, filter_e_grad, filter_c_grad, impl,
-    label_smoothing, logit_scale, validate, chunk_bytes,
+    label_smoothing, logit_scale, validate, chunk_bytes, stats=True,
 ) -> LossConfig:
     """Validate the arguments of `linear_cross_entropy` and resolve them into a `LossConfig`.
 
@@ -173,7 +173,7 @@ def loss_config(
         num_tokens = targets[..., shift:].numel() if targets.dim() else 1
         fingerprint = zlib.crc32(
             repr((reduction, shift, ignore_index, float(label_smoothing), softcap, float(logit_scale),
-                  vp.sequence_parallel, vp.reduce_e_grad, bias is not None)).encode()
+                  vp.sequence_parallel, vp.reduce_e_grad, bias is not None, bool(stats))).encode()
         )
         vocab_size = collectives.verify_layout(vp, num_tokens, fingerprint, c.shape[0], e.device)
         vocab_start = vp.start
@@ -184,6 +184,7 @@ def loss_config(
         impl=backend, mode=mode, shift=shift, ignore_index=int(ignore_index), reduction=reduction,
         label_smoothing=float(label_smoothing), logit_scale=float(logit_scale), softcap=softcap,
         vocab_size=vocab_size, vocab_start=vocab_start, vp=vp, chunk_bytes=chunk_bytes,
+        stats=stats,
     )
 
 

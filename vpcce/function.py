@@ -40,6 +40,9 @@ class LossConfig:
     vocab_start: int
     vp: VocabParallelOptions | None
     chunk_bytes: int | None
+    # whether the entropy and argmax outputs are read (`return_stats`): the forward skips the
+    # partials only they need when not
+    stats: bool = True
 
     @property
     def backend(self):
@@ -118,6 +121,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             vocab_start=cfg.vocab_start,
             logit_scale=cfg.logit_scale,
             softcap=cfg.softcap,
+            stats=cfg.stats,
+            sum_z=cfg.label_smoothing != 0,
             **cfg.extra(),
             **({} if tile_max is None else {"tile_max": tile_max}),
         )
@@ -126,6 +131,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             parts = merge_partials(collectives.gather_partials(parts, cfg.vp))
         # 4. per-token statistics over the global vocabulary
         lse, nll, entropy, argmax = finalize(parts, cfg.vocab_size, cfg.label_smoothing)
+        if not cfg.stats:  # their partials were skipped: unmistakable if read anyway
+            entropy, argmax = torch.full_like(entropy, float("nan")), torch.full_like(argmax, -1)
         nll = torch.where(valid, nll, torch.zeros_like(nll))
         count = valid.sum()
         # the tile maxima against the global LSE: a bound per backward tile (tile_max is freed)

@@ -87,13 +87,13 @@ def _vp(start, stop, group_name, reduce_e_grad, sequence_parallel, reduce_dtype)
     )
 
 
-def _config(e, c, targets, bias, a: dict, validate: bool) -> LossConfig:
+def _config(e, c, targets, bias, a: dict, validate: bool, stats: bool = True) -> LossConfig:
     """The eager call's `LossConfig` from an op's arguments ``a`` (by name)."""
     from vpcce.api import loss_config  # api imports this module
 
     vp = _vp(*(a[k] for k in _VP_OPTIONS))
     options = {k: a[k] for k in _LOSS_OPTIONS}
-    return loss_config(e, c, targets, bias, vp, validate=validate, **options)
+    return loss_config(e, c, targets, bias, vp, validate=validate, stats=stats, **options)
 
 
 @torch.library.custom_op("vpcce::linear_cross_entropy", mutates_args=())
@@ -122,13 +122,15 @@ def _forward_op(
     sequence_parallel: bool,
     reduce_dtype: torch.dtype,
     validate: bool,
+    stats_used: bool,
     lse_used: bool,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    # lse_used: whether the caller asked for the LSE (else its gradient is autograd's zeros)
+    # stats_used: whether the caller asked for the entropy and argmax (`LossConfig.stats`);
+    # lse_used: whether it asked for the LSE (else its gradient is autograd's zeros)
     a = locals()
-    cfg = _config(e, c, targets, bias, a, validate)
+    cfg = _config(e, c, targets, bias, a, validate, stats_used)
     ctx = _Context(cfg)
     loss, lse, entropy, argmax = _LinearCrossEntropy.forward(ctx, e, c, bias, targets, cfg)
     *_, valid, count, bounds = ctx.saved_tensors
@@ -260,7 +262,8 @@ def _setup_context(ctx, inputs, output):
     e, c, targets, bias, *options = inputs
     _, lse, entropy, _, valid, count, bounds = output
     ctx.save_for_backward(e, c, targets, bias, lse, valid, count, bounds)
-    ctx.options = options[: len(_OPTION_NAMES)]  # the backward op's options (no validate, lse_used)
+    # the backward op's options (not validate, stats_used, lse_used)
+    ctx.options = options[: len(_OPTION_NAMES)]
     ctx.lse_used = options[-1]
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(entropy, bounds)
@@ -302,6 +305,7 @@ def linear_cross_entropy(
     vp: VocabParallelOptions | None,
     *,
     lse_used: bool,
+    stats_used: bool,
     ignore_index,
     softcap,
     reduction,
@@ -352,6 +356,7 @@ def linear_cross_entropy(
         False if vp is None else vp.sequence_parallel,
         torch.float32 if vp is None else vp.reduce_dtype,
         bool(validate),
+        bool(stats_used),
         bool(lse_used),
     )
     return loss, lse, entropy, argmax

@@ -99,8 +99,15 @@ def forward_partials(
     logit_scale: float,
     softcap: float | None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    stats: bool = True,
+    sum_z: bool = True,
 ) -> torch.Tensor:
-    """[N, 6] fp32 partials of this vocabulary shard (``c`` holds ids ``vocab_start + i``)."""
+    """[N, 6] fp32 partials of this vocabulary shard (``c`` holds ids ``vocab_start + i``).
+
+    Every column is computed: ``stats`` and ``sum_z`` (which columns the caller reads, see
+    `vpcce.kernels.forward_partials`) are accepted and ignored.
+    """
+    del stats, sum_z
     n, (v, d) = layout.num_tokens, c.shape
     y_local = layout.flat_targets() - vocab_start
     acc = stats_dtype(c.dtype)

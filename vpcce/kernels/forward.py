@@ -80,6 +80,8 @@ def _cce_fwd_kernel(
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     SUMMARY: tl.constexpr,
+    STATS: tl.constexpr,
+    SUM_Z: tl.constexpr,
 ):
     # token blocks vary fastest: the running programs read each classifier tile at about one time
     # (splits-fastest order measured 3 ms slower on the Llama shape, round 9)
@@ -141,23 +143,28 @@ def _cce_fwd_kernel(
                 tile_max.to(tile_max_ptr.dtype.element_ty),
                 mask=n_mask,
             )
-        # NaN ranks highest, as in torch.argmax; the interpreter's argmax raises on all-NaN rows
-        tile_arg = tl.argmax(tl.where(z != z, float("inf"), z), axis=1).to(tl.int32) + t * BLOCK_V
-        arg = tl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
+        if STATS:
+            # NaN ranks highest, as in torch.argmax; the interpreter's argmax raises on all-NaN
+            # rows
+            tile_arg = tl.argmax(tl.where(z != z, float("inf"), z), axis=1).to(tl.int32)
+            arg = tl.where(tile_max > m, tile_arg + t * BLOCK_V, arg)  # strict: ties keep the first
         m_new = tl.maximum(m, tile_max)
         # -inf logits (a -inf bias masks vocabulary) weigh 0, as in the reference: while every
         # logit so far is -inf, shift by 0, not m_new, so no (-inf) - (-inf) = NaN appears
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         # rescale the running sums to the new max; an empty running state (s = 0) stays 0
-        delta = tl.where(s > 0, m - m_ref, 0.0)  # m = -inf while s = 0: avoid -inf * 0
         alpha = tl.exp(m - m_ref)
-        x = alpha * (x + delta * s)
+        if STATS:
+            delta = tl.where(s > 0, m - m_ref, 0.0)  # m = -inf while s = 0: avoid -inf * 0
+            x = alpha * (x + delta * s)
         s = s * alpha
         zs = tl.where(v_mask[None, :], z - m_ref[:, None], 0.0)
         p = tl.where(v_mask[None, :], tl.exp(zs), 0.0)
         s += tl.sum(p, axis=1)
-        x += tl.sum(tl.where(p > 0, p * zs, 0.0), axis=1)  # p = 0 at z = -inf: not 0 * -inf
-        sum_z += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        if STATS:
+            x += tl.sum(tl.where(p > 0, p * zs, 0.0), axis=1)  # p = 0 at z = -inf: not 0 * -inf
+        if SUM_Z:
+            sum_z += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
         # v_mask: a target owned by the next shard can equal a padding column (z = -inf there)
         hit = (v[None, :] == y_local[:, None]) & v_mask[None, :]
         z_target += tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -207,8 +214,15 @@ def forward_partials(
     num_splits: int | None = None,
     chunk_bytes: int | None = None,
     tile_max: torch.Tensor | None = None,
+    stats: bool = True,
+    sum_z: bool = True,
 ) -> torch.Tensor:
     """[N, 6] fp32 partials of the shard ``c`` (global ids ``vocab_start + i``).
+
+    ``stats=False`` skips the XLOGX and ARGMAX columns (the entropy and argmax outputs are not
+    wanted), ``sum_z=False`` the SUMZ column (no label smoothing): their values then mean nothing.
+    The loss and LSE need only MAX, SUMEXP and ZTARGET, and the other columns cost most of the
+    tile epilogue's instructions (round 17, docs/perf.md).
 
     ``tile_max`` (from `vpcce.kernels.tile_summary.tile_max_buffer`), if given, receives each
     token's largest logit of every vocabulary tile.
@@ -233,7 +247,7 @@ def forward_partials(
             e2, c, bias, y2, parts, tile_max, cfg,
             seq_len=layout.seq_len, vocab_start=vocab_start,
             tiles_per_split=triton.cdiv(vocab_tiles, splits),
-            logit_scale=logit_scale, softcap=softcap,
+            logit_scale=logit_scale, softcap=softcap, stats=stats, sum_z=sum_z,
         )
         return parts[0] if splits == 1 else merge_partials(parts)
     cfg = forward_blocks(c.dtype)
@@ -288,6 +302,8 @@ def forward_partials(
         FLATTEN=cfg.flatten,
         WARP_SPECIALIZE=cfg.warp_specialize,
         SUMMARY=tile_max is not None,
+        STATS=stats,
+        SUM_Z=sum_z,
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )

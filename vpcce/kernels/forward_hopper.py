@@ -15,8 +15,10 @@ softmax statistics, while nothing else issued MMAs. Here a program is three part
   shared-memory exchange and no CTA barrier, unlike the 64 x 256 Triton tile.
 
 Programs run in a grouped order (`GROUP` token blocks share a wave) and `num_splits` picks the
-vocabulary splits. H100 (docs/perf.md, rounds 12 and 14): Gemma 24.9 -> 15.7 ms, 1.16 x the
-cuBLAS GEMM; Llama 45.0 -> 27.1 ms, 1.17 x; tensor pipe busy 76% of the time (Triton: 42%).
+vocabulary splits. The epilogue computes only the columns the caller reads (``STATS``,
+``SUM_Z``): the loss needs ~9 instructions per logit, the entropy and argmax twice that. H100
+(docs/perf.md, rounds 12, 14 and 17): Gemma 24.9 -> 14.0 ms, 1.06 x the cuBLAS GEMM; Llama
+45.0 -> 25.2 ms, 1.07 x (every column: 15.5 and 27-31 ms).
 
 Accuracy follows the Triton forward's split accumulation (Hopper's accumulator chain truncates,
 round 2): every chain of ``SPLIT`` 64-wide K steps starts from zero (``use_acc=False``) and is
@@ -111,6 +113,7 @@ def _finish_logits(
     logit_scale,
     softcap,
     HAS_BIAS: gl.constexpr,
+    HAS_SCALE: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr,
 ):
     """The Triton `logits_tile`'s tail for columns ``v0 + cols``: bias, scale, softcap.
@@ -124,7 +127,8 @@ def _finish_logits(
             bias_ptr + (v0 + cols).to(gl.int64) * stride_bias, mask=cols < V - v0, other=0.0
         )
         acc = acc + b.to(gl.float32)[None, :]
-    acc = acc * logit_scale
+    if HAS_SCALE:  # a scale of 1 leaves every value as it is: skip the multiply
+        acc = acc * logit_scale
     if HAS_SOFTCAP:
         acc = softcap * _tanh(acc / softcap)
     return acc
@@ -141,18 +145,19 @@ def _first_max(z, cols):
 
 
 @gluon.jit
-def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x_log2, z_target):
+def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x_log2, z_target, STATS: gl.constexpr):
     """Add the half tile of columns ``v0 + cols`` to the running sums (rescaled to ``m_ref``).
 
     In base 2: ``t = (z - m_ref) log2 e`` (subtracting first: an FFMA against a rounded
     ``m_ref log2 e`` would shift every ``t`` by up to ``|m| 6e-8``), ``p = 2^t``, and ``x``
-    accumulates ``p t`` (the caller multiplies by ln 2). ``max(t, -256)`` keeps ``0 * -inf``
-    (p = 0 at z = -inf) out of ``x`` while NaN still propagates (``p`` is NaN then).
+    (with ``STATS``) accumulates ``p t`` (the caller multiplies by ln 2). ``max(t, -256)`` keeps
+    ``0 * -inf`` (p = 0 at z = -inf) out of ``x`` while NaN still propagates (``p`` is NaN then).
     """
     t = (z - m_ref[:, None]) * 1.4426950408889634
     p = _exp2(t)
     s_sum += gl.sum(p, axis=1)
-    x_log2 += gl.sum(p * gl.maximum(t, -256.0), axis=1)
+    if STATS:
+        x_log2 += gl.sum(p * gl.maximum(t, -256.0), axis=1)
     # the target's column in this half, or -1; a target owned by the next shard can fall on a
     # padding column, hence the V bound
     y_col = y_local - v0
@@ -181,8 +186,9 @@ def _chain(e_bufs, c_bufs, i, col0, after, WG: gl.constexpr, rows: gl.constexpr,
 
 
 @gluon.jit
-def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-              SUMMARY: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCALE: gl.constexpr,
+              HAS_SOFTCAP: gl.constexpr, SUMMARY: gl.constexpr, STATS: gl.constexpr,
+              SUM_Z: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
     """Consumer warpgroup ``WG``: rows ``n0 + 64 WG ...`` of the program's tiles; ``ops`` are the
     kernel's buffers, barriers, pointers and scalars (a tuple: one list for both warpgroups)."""
     (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr, N, V,
@@ -232,10 +238,11 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.con
         v_lo = t * (2 * half)
         v_hi = v_lo + half
         z_lo = _finish_logits(acc_lo, cols, v_lo, V, bias_ptr, stride_bias, logit_scale,
-                              softcap, HAS_BIAS, HAS_SOFTCAP)  # fmt: skip
+                              softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)  # fmt: skip
         z_hi = _finish_logits(acc_hi, cols, v_hi, V, bias_ptr, stride_bias, logit_scale,
-                              softcap, HAS_BIAS, HAS_SOFTCAP)  # fmt: skip
-        sum_z += gl.sum(z_lo, axis=1) + gl.sum(z_hi, axis=1)  # columns past V are 0 here
+                              softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)  # fmt: skip
+        if SUM_Z:
+            sum_z += gl.sum(z_lo, axis=1) + gl.sum(z_hi, axis=1)  # columns past V are 0 here
         if v_hi + half > V:  # the last tile: columns past V weigh exp(-inf) = 0 from here on
             z_lo = gl.where((cols < V - v_lo)[None, :], z_lo, float("-inf"))
             z_hi = gl.where((cols < V - v_hi)[None, :], z_hi, float("-inf"))
@@ -246,27 +253,30 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SOFTCAP: gl.con
                 tile_max.to(tile_max_ptr.dtype.element_ty),
                 mask=n_mask,
             )
-        r_lo, arg_lo = _first_max(z_lo, cols)
-        r_hi, arg_hi = _first_max(z_hi, cols)
-        tile_arg = gl.where(r_hi > r_lo, arg_hi + v_hi, arg_lo + v_lo)
-        arg = gl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
+        if STATS:
+            r_lo, arg_lo = _first_max(z_lo, cols)
+            r_hi, arg_hi = _first_max(z_hi, cols)
+            tile_arg = gl.where(r_hi > r_lo, arg_hi + v_hi, arg_lo + v_lo)
+            arg = gl.where(tile_max > m, tile_arg, arg)  # strict: an earlier tile keeps a tie
         m_new = gl.maximum(m, tile_max)
         # -inf logits weigh 0; while every logit so far is -inf, shift by 0 (no (-inf) - (-inf))
         m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
-        delta = gl.where(s_sum > 0, m - m_ref, 0.0)  # m = -inf while s = 0: avoid -inf * 0
         alpha = gl.exp(m - m_ref)
-        x = alpha * (x + delta * s_sum)
+        if STATS:
+            delta = gl.where(s_sum > 0, m - m_ref, 0.0)  # m = -inf while s = 0: avoid -inf * 0
+            x = alpha * (x + delta * s_sum)
         s_sum = s_sum * alpha
         s_tile = gl.zeros_like(s_sum)
         x_tile = gl.zeros_like(x)
         s_tile, x_tile, z_target = _add_half(
-            z_lo, cols, v_lo, V, m_ref, y_local, s_tile, x_tile, z_target
+            z_lo, cols, v_lo, V, m_ref, y_local, s_tile, x_tile, z_target, STATS
         )
         s_tile, x_tile, z_target = _add_half(
-            z_hi, cols, v_hi, V, m_ref, y_local, s_tile, x_tile, z_target
+            z_hi, cols, v_hi, V, m_ref, y_local, s_tile, x_tile, z_target, STATS
         )
         s_sum += s_tile
-        x += x_tile * 0.6931471805599453  # back to natural log units
+        if STATS:
+            x += x_tile * 0.6931471805599453  # back to natural log units
         m = m_new
 
     out = part_ptr + stride_ps * pid_s + n64 * 6
@@ -337,8 +347,11 @@ def _cce_fwd_ws_kernel(
     logit_scale,
     softcap,
     HAS_BIAS: gl.constexpr,
+    HAS_SCALE: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr,
     SUMMARY: gl.constexpr,
+    STATS: gl.constexpr,
+    SUM_Z: gl.constexpr,
     STAGES: gl.constexpr,
     SPLIT: gl.constexpr,
     GROUP: gl.constexpr,
@@ -361,8 +374,10 @@ def _cce_fwd_ws_kernel(
            stride_ps, stride_tmt, stride_bias, logit_scale, softcap)  # fmt: skip
     gl.warp_specialize(
         [
-            (_consumer, (ops, _WG0, HAS_BIAS, HAS_SOFTCAP, SUMMARY, SPLIT)),
-            (_consumer, (ops, _WG1, HAS_BIAS, HAS_SOFTCAP, SUMMARY, SPLIT)),
+            (_consumer, (ops, _WG0, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, SUMMARY, STATS, SUM_Z,
+                         SPLIT)),
+            (_consumer, (ops, _WG1, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, SUMMARY, STATS, SUM_Z,
+                         SPLIT)),
             (
                 _producer,
                 (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,
@@ -441,8 +456,14 @@ def launch(
     tiles_per_split,
     logit_scale,
     softcap,
+    stats=True,
+    sum_z=True,
 ):
-    """Fill ``parts`` ([S, N, 6]) with the per-split partials (grid: token blocks x S)."""
+    """Fill ``parts`` ([S, N, 6]) with the per-split partials (grid: token blocks x S).
+
+    ``stats=False`` skips the XLOGX and ARGMAX columns, ``sum_z=False`` the SUMZ column (see
+    `vpcce.kernels.forward.forward_partials`).
+    """
     n, (v, d) = e2.shape[0], c.shape
     e_desc, c_desc, _ = operand_descriptors(e2, c, cfg)
     bias_arg = bias if bias is not None else c
@@ -470,8 +491,11 @@ def launch(
         float(logit_scale),
         float(softcap or 1.0),
         HAS_BIAS=bias is not None,
+        HAS_SCALE=logit_scale != 1.0,
         HAS_SOFTCAP=softcap is not None,
         SUMMARY=tile_max is not None,
+        STATS=stats,
+        SUM_Z=sum_z,
         STAGES=cfg.stages,
         SPLIT=cfg.split_every,
         GROUP=GROUP,

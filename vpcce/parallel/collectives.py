@@ -76,7 +76,7 @@ def _check_rows(rows: list[list[int]], rank: int) -> int:
     if len({r[3] for r in rows}) > 1:
         raise LayoutError(
             "ranks disagree on the loss options (reduction, shift, ignore_index, label_smoothing, "
-            "softcap, logit_scale, sequence_parallel, reduce_e_grad, vocab size) "
+            "softcap, logit_scale, sequence_parallel, reduce_e_grad, bias, return_stats) "
             f"(seen on rank {rank})"
         )
     shards = sorted((r[0], r[1], i) for i, r in enumerate(rows))
