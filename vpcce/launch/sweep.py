@@ -46,19 +46,18 @@ FWD, BWD = common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS
 ROUND8 = replace(BWD, v=128, stages=4, split_acc=True)
 HOPPER = common.HOPPER_FORWARD_BLOCKS
 # name -> (Triton forward tiles, warp-specialized Hopper tiles or None for the Triton kernel,
-# vocabulary splits: None = the default heuristic)
+# vocabulary splits: None = the default heuristic, `forward_partials` keywords)
+LOSS_ONLY = {"stats": False, "sum_z": False}  # what `linear_cross_entropy` asks without stats
 FORWARD_VARIANTS = {
-    "hopper ws 128x256 s4, chains of 2 K steps (default)": (FWD, HOPPER, None),
-    "hopper ws, chains of 2, 8 splits": (FWD, HOPPER, 8),
-    "hopper ws, chains of 1 K step": (FWD, replace(HOPPER, split_every=1), None),
-    "hopper ws, chains of 4 K steps": (FWD, replace(HOPPER, split_every=4), None),
-    "triton 64x256 w8 s4, split (round 11 default)": (FWD, None, None),
-    "triton 256x128 w8 s3, chained": (
-        replace(FWD, n=256, v=128, stages=3, split_acc=False),
-        None,
-        None,
+    "hopper ws 128x256 s4, chains of 2, loss only (default)": (FWD, HOPPER, None, LOSS_ONLY),
+    "hopper ws, every column (return_stats, round 14 default)": (FWD, HOPPER, None, {}),
+    "hopper ws, loss only, 8 splits": (FWD, HOPPER, 8, LOSS_ONLY),
+    "hopper ws, loss only, chains of 1 K step": (
+        FWD, replace(HOPPER, split_every=1), None, LOSS_ONLY,
     ),
-}
+    "triton 64x256 w8 s4, split (round 11 default)": (FWD, None, None, {}),
+    "triton 64x256 w8 s4, split, loss only": (FWD, None, None, LOSS_ONLY),
+}  # fmt: skip
 # name -> (backward tiles, max scratch recompute fraction (0: no scratch, hi/lo), forward tiles,
 # warp-specialized Hopper dlogits tiles or None for the Triton kernel)
 SCRATCH = grad_e.MAX_RECOMPUTE
@@ -159,13 +158,13 @@ def sweep_forward(e, c, y) -> list[dict]:
     layout = make_layout(e, y, 0)
     want = fp64_lse(e, c)
     rows = []
-    for name, (cfg, hopper, splits) in FORWARD_VARIANTS.items():
+    for name, (cfg, hopper, splits, kw) in FORWARD_VARIANTS.items():
         with variant(forward=cfg, hopper=hopper), failure_noted(rows, name):
 
-            def run(splits=splits):
+            def run(splits=splits, kw=kw):
                 return forward_partials(
                     layout, c, None, vocab_start=0, logit_scale=1.0, softcap=None,
-                    num_splits=splits,
+                    num_splits=splits, **kw,
                 )
 
             parts = run()
