@@ -144,8 +144,7 @@ def _cce_fwd_kernel(
                 mask=n_mask,
             )
         if STATS:
-            # NaN ranks highest, as in torch.argmax; the interpreter's argmax raises on all-NaN
-            # rows
+            # NaN ranks highest (torch.argmax); the interpreter's argmax raises on all-NaN rows
             tile_arg = tl.argmax(tl.where(z != z, float("inf"), z), axis=1).to(tl.int32)
             arg = tl.where(tile_max > m, tile_arg + t * BLOCK_V, arg)  # strict: ties keep the first
         m_new = tl.maximum(m, tile_max)
