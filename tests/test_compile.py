@@ -138,8 +138,10 @@ def test_compiled_dynamic_shapes_and_partial_grads():
 # the Triton kernels with a tile filter: the tile-bounds output is not empty and the fake's shape
 # must match it; opcheck's AOT comparison sums every output, so the backward receives stride-0
 # gradients (it once read them as dense vectors)
-@pytest.mark.parametrize("impl, filter_eps", [("torch", None), ("triton", 0.02)])
-def test_opcheck(impl, filter_eps):
+@pytest.mark.parametrize(
+    "impl, filter_eps, stats_used", [("torch", None, True), ("triton", 0.02, False)]
+)
+def test_opcheck(impl, filter_eps, stats_used):
     """Schema, fake implementation, registered autograd and AOT dispatch of both ops."""
     e, c, bias, targets = inputs()
     fwd = torch.ops.vpcce.linear_cross_entropy.default
@@ -170,9 +172,11 @@ def test_opcheck(impl, filter_eps):
     )
     for b in (bias, None):
         # then validate, stats_used, lse_used
-        torch.library.opcheck(fwd, (e, c, targets, b, *options, True, True, True))
+        torch.library.opcheck(fwd, (e, c, targets, b, *options, True, stats_used, True))
         with torch.no_grad():  # the backward op has no backward (no double backward)
-            _, lse, _, _, valid, count, bounds = fwd(e, c, targets, b, *options, True, True, True)
+            out = fwd(e, c, targets, b, *options, True, stats_used, True)
+        _, lse, _, argmax, valid, count, bounds = out
+        assert ((argmax >= 0) if stats_used else (argmax == -1)).all()  # computed when asked
         assert (bounds.numel() > 0) == (impl == "triton" and b is None)
         grad_loss = torch.rand(B, T - 1)
         args = (
@@ -190,8 +194,35 @@ def test_opcheck(impl, filter_eps):
             True,
             b is not None,
             *options,
+            stats_used,
         )
         torch.library.opcheck(bwd, args)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compiled_loss_only_matches_eager(impl, monkeypatch):
+    """Without ``return_stats`` the forward skips the entropy / argmax partials; compiled, the
+    backward op rebuilds the forward's configuration (the same option fingerprint, so a
+    vocab-parallel layout check is not repeated)."""
+    needs_triton(impl)
+    import vpcce.ops as ops
+
+    seen = []
+    config = ops._config
+    monkeypatch.setattr(ops, "_config", lambda *a, **k: seen.append(k["stats"]) or config(*a, **k))
+
+    def loss_only(e, c, bias, targets, impl):
+        opts = dict(shift=1, label_smoothing=0.1, logit_scale=0.9)
+        return (linear_cross_entropy(e, c, targets, bias, impl=impl, **opts),)
+
+    e, c, bias, targets = inputs()
+    want, want_grads = run(loss_only, e, c, bias, targets, impl)
+    torch._dynamo.reset()
+    got, grads = run(torch.compile(loss_only, fullgraph=True, backend="aot_eager"), e, c, bias,
+                     targets, impl)  # fmt: skip
+    assert_same(got, want, exact=True)
+    assert_same(grads, want_grads, exact=True)
+    assert seen and not any(seen), seen  # forward and backward ops: stats off
 
 
 def test_argument_errors_at_trace_time():

@@ -131,8 +131,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             parts = merge_partials(collectives.gather_partials(parts, cfg.vp))
         # 4. per-token statistics over the global vocabulary
         lse, nll, entropy, argmax = finalize(parts, cfg.vocab_size, cfg.label_smoothing)
-        if not cfg.stats:  # their partials were skipped: unmistakable if read anyway
-            entropy, argmax = torch.full_like(entropy, float("nan")), torch.full_like(argmax, -1)
+        if not cfg.stats:  # their partials were skipped: argmax -1 marks them (entropy 0)
+            entropy, argmax = torch.zeros_like(entropy), torch.full_like(argmax, -1)
         nll = torch.where(valid, nll, torch.zeros_like(nll))
         count = valid.sum()
         # the tile maxima against the global LSE: a bound per backward tile (tile_max is freed)

@@ -87,7 +87,7 @@ def _vp(start, stop, group_name, reduce_e_grad, sequence_parallel, reduce_dtype)
     )
 
 
-def _config(e, c, targets, bias, a: dict, validate: bool, stats: bool = True) -> LossConfig:
+def _config(e, c, targets, bias, a: dict, validate: bool, *, stats: bool) -> LossConfig:
     """The eager call's `LossConfig` from an op's arguments ``a`` (by name)."""
     from vpcce.api import loss_config  # api imports this module
 
@@ -130,7 +130,7 @@ def _forward_op(
     # stats_used: whether the caller asked for the entropy and argmax (`LossConfig.stats`);
     # lse_used: whether it asked for the LSE (else its gradient is autograd's zeros)
     a = locals()
-    cfg = _config(e, c, targets, bias, a, validate, stats_used)
+    cfg = _config(e, c, targets, bias, a, validate, stats=stats_used)
     ctx = _Context(cfg)
     loss, lse, entropy, argmax = _LinearCrossEntropy.forward(ctx, e, c, bias, targets, cfg)
     *_, valid, count, bounds = ctx.saved_tensors
@@ -233,9 +233,12 @@ def _backward_op(
     reduce_e_grad: bool,
     sequence_parallel: bool,
     reduce_dtype: torch.dtype,
+    stats_used: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a = locals()
-    cfg = _config(e, c, targets, bias, a, validate=False)  # the forward checked the targets
+    # the forward checked the targets; its stats_used too, so the layout check finds the
+    # forward's entry (the option fingerprint includes it)
+    cfg = _config(e, c, targets, bias, a, validate=False, stats=stats_used)
     saved = (e, c, bias, targets, lse.reshape(-1), valid, count, _bounds_in(bounds))
     ctx = _Context(cfg, saved, (need_e, need_c, need_bias and bias is not None))
     grad_e, grad_c, grad_bias, _, _ = _LinearCrossEntropy.backward(
@@ -262,9 +265,9 @@ def _setup_context(ctx, inputs, output):
     e, c, targets, bias, *options = inputs
     _, lse, entropy, _, valid, count, bounds = output
     ctx.save_for_backward(e, c, targets, bias, lse, valid, count, bounds)
-    # the backward op's options (not validate, stats_used, lse_used)
+    # the backward op's options (not validate, lse_used; stats_used goes last)
     ctx.options = options[: len(_OPTION_NAMES)]
-    ctx.lse_used = options[-1]
+    ctx.stats_used, ctx.lse_used = options[-2:]
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(entropy, bounds)
 
@@ -287,6 +290,7 @@ def _backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax, _grad_valid
         need_c,
         need_bias,
         *ctx.options,
+        ctx.stats_used,
     )
     grad_e, grad_c, grad_bias = (
         g if need else None for g, need in zip(grads, (need_e, need_c, need_bias), strict=True)
