@@ -305,7 +305,7 @@ def _top1(world: int) -> dict:
 
     from vpcce.integrations import megatron as vm
 
-    case = {**_BASE, "sp": True}
+    case = {**_BASE, "sp": True, "mtp": 1}  # patch keeps the top-1 for models with MTP heads
     model = vm.patch(_build(case, world))
     layer, weight = model.output_layer, model.output_layer.weight
     g = torch.Generator().manual_seed(SEED + 2)
@@ -340,6 +340,15 @@ def _top1(world: int) -> dict:
         expected = full.argmax(-1)
         out[f"equal_{gather}"] = bool((top1 == expected).all())
         out[f"hits_{gather}"] = int((expected == labels.t()).sum())
+    # without MTP heads the loss skips the argmax partials; a top-1 query then builds the logits
+    plain = vm.patch(_build({**_BASE, "sp": True}, world)).output_layer
+    plain.weight.data.copy_(weight.detach())
+    logits, _ = plain(hidden, runtime_gather_output=True)
+    logits.cross_entropy(labels)
+    before = _MATERIALIZED[0]
+    top1 = torch.argmax(logits, dim=-1)
+    out["no_mtp_materialized"] = _MATERIALIZED[0] - before
+    out["no_mtp_equal"] = bool((top1 == logits.materialize().argmax(-1)).all())
     return out
 
 

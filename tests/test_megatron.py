@@ -113,6 +113,8 @@ def test_megatron_gpt_model_matches_megatron_loss(megatron_path):
         queries = ("True", "None") if _version_tuple(version) >= (0, 19) else ("True",)
         if any(not top1[f"equal_{q}"] or top1[f"materialized_{q}"] for q in queries):
             bad.append(f"rank {rank} top-1 from the kernel's argmax: {top1}")
+        if top1["no_mtp_materialized"] != 1 or not top1["no_mtp_equal"]:
+            bad.append(f"rank {rank} top-1 without MTP (from the logits): {top1}")
         failed = [k for k, ok in res["protocol"].items() if not ok]
         if failed:
             bad.append(f"rank {rank} DeferredLogits did not act as the logits: {failed}")

@@ -15,8 +15,8 @@ Two entry points, one code path, no copy of Megatron code:
 `DeferredLogits` are the ``[s, b, V/tp]`` logits not computed yet: ``* number`` (MuP's
 ``_scale_logits``) records a logit scale; the loss reads the hidden states and the weight
 directly; the top-1 queries of Megatron's MTP acceptance counts are answered from the kernel's
-argmax; anything else computes the logits exactly as ``ColumnParallelLinear.forward`` would
-(``labels=None``, inference, any other caller).
+argmax (kept only for models with MTP heads); anything else computes the logits exactly as
+``ColumnParallelLinear.forward`` would (``labels=None``, inference, any other caller).
 
 The loss matches ``LanguageModule.compute_language_model_loss``: labels ``[b, s]`` are
 transposed to ``[s, b]`` (the token order of the hidden states ``[s, b, h]``), the per-token fp32
@@ -143,8 +143,9 @@ class DeferredLogits:
     ``cross_entropy(labels)`` computes Megatron's per-token loss without them; ``* number``
     records a logit scale (MuP); after the loss, ``argmax(dim=-1)`` (full vocabulary) and
     ``max(dim=-1)`` (vocab-sharded) answer from the kernel's top-1 — the queries of Megatron's
-    MTP acceptance counts. Any other use computes the logits as ``ColumnParallelLinear`` would,
-    once (`materialize`).
+    MTP acceptance counts — where the output layer keeps it (``vpcce_top1``: `patch` sets it for
+    models with MTP heads; without, the loss skips the argmax partials, round 17). Any other use
+    computes the logits as ``ColumnParallelLinear`` would, once (`materialize`).
     """
 
     __slots__ = ("layer", "hidden", "weight", "weight_arg", "gather_output", "sequence_parallel",
@@ -195,11 +196,13 @@ class DeferredLogits:
                 and hasattr(weight, "main_grad")):
             weight = _AccumulateIntoMainGrad.apply(weight)
         bias = layer.bias if layer.bias is not None and not layer.skip_bias_add else None
-        loss, stats = linear_cross_entropy(
+        top1 = getattr(layer, "vpcce_top1", False)
+        out = linear_cross_entropy(
             self.hidden, weight, labels.transpose(0, 1).contiguous(), bias, reduction="none",
-            logit_scale=self.scale, vocab_parallel_options=vp, return_stats=True, **loss_options,
+            logit_scale=self.scale, vocab_parallel_options=vp, return_stats=top1, **loss_options,
         )
-        self._top1 = (stats.argmax, vp.start, vp.stop)
+        loss = out[0] if top1 else out
+        self._top1 = (out[1].argmax, vp.start, vp.stop) if top1 else None
         return loss.transpose(0, 1).contiguous()
 
     def __mul__(self, other):
@@ -308,6 +311,8 @@ class VocabParallelOutputLayer(ColumnParallelLinear):
     """
 
     vpcce_options: dict = {}
+    # keep the kernel's top-1 with each loss (`DeferredLogits`): for the MTP acceptance counts
+    vpcce_top1: bool = False
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         logits = DeferredLogits(self, input_, weight, runtime_gather_output, self.vpcce_options)
@@ -359,6 +364,8 @@ def patch(model, **options):
             _check_layer(layer, layer.weight)
         layer.__class__ = VocabParallelOutputLayer
         layer.vpcce_options = options
+        # only Megatron's MTP acceptance counts query the top-1 after the loss (0.19)
+        layer.vpcce_top1 = bool(getattr(lm.config, "mtp_num_layers", None))
         lm.compute_language_model_loss = types.MethodType(_compute_language_model_loss, lm)
     return model
 
