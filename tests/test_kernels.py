@@ -536,7 +536,7 @@ def test_e_gradient_accumulators(monkeypatch, kind):
     many = run("triton", e, c, y, b, chunk_bytes=small, accum_e_fp32=fp32, **CHUNK_OPTS)
     assert [a.kind for a in chosen] == [kind]
     if kind == grad_e.SCRATCH:  # the scratch spans more than the last chunk: dz is recomputed
-        assert grad_e.recompute_rows(chosen[0].order, chosen[0].first_deferred_row) > 0
+        assert chosen[0].recompute_rows > 0
     tru = truth(e, c, y, b, **CHUNK_OPTS)
     err, err_one = rel_err(many[2], tru.de), rel_err(one[2], tru.de)
     # hi/lo rounds to 16 bits in the kernel, where the interpreter truncates (1 ulp, not 1/2)
@@ -554,11 +554,75 @@ def test_scratch_placement():
     assert [(ch.begin, ch.rows, ch.dz_at) for ch in plain] == [
         (v0, 20, None) for v0 in range(0, 100, 20)
     ]
-    # scratch from row 80: only the last chunk's dz is live, none recomputed
-    assert grad_e.recompute_rows(plain, 80) == 0
+    # not borrowing, scratch from row 80: the scratch's rows come last, the last chunk's dz is
+    # live, none recomputed
+    passes = grad_e.scratch_passes(10, 100, 8, chunk=20, tile=4, start=640, borrow=False)
+    assert _recompute_rows(*passes) == 0
     # 15-row chunks: rows 75..90 recomputed, 90..100 live
-    fifteen = grad_e.schedule(10, 100, 8, chunk=15, tile=5, free_end=None)
-    assert grad_e.recompute_rows(fifteen, 80) == 15
+    passes = grad_e.scratch_passes(10, 100, 8, chunk=15, tile=5, start=640, borrow=False)
+    assert [ch.begin for ch in passes[1]] == [90, 75] and _recompute_rows(*passes) == 15
+    # borrowing: rows 80..100 first, their dz in rows 0..25; recomputed 4 rows at a time, the
+    # first chunk's dz in rows 88..93 (elements 704..744, aligned below 800 - 4 N)
+    order, again, live = grad_e.scratch_passes(10, 100, 8, chunk=2, tile=4, start=640, borrow=True)
+    assert order[0] == grad_e.Chunk(80, 20, 0, 20, deferred=True) and live is None
+    assert sum(ch.rows for ch in again) == 20 and again[0] == grad_e.Chunk(80, 4, 704, 4)
+
+
+def _recompute_rows(order, again, live) -> int:
+    return grad_e.EGradAccumulator(grad_e.SCRATCH, [], None, order, again, live).recompute_rows
+
+
+@pytest.mark.parametrize(
+    "n,v,d,chunk,tile,borrow,first",
+    [
+        (8192, 256000, 2304, 3584, 256, True, True),
+        (16384, 128256, 4096, 1792, 256, True, True),
+        (16384, 128256, 4096, 1792, 256, False, False),
+        (40, 301, 264, 64, 64, True, True),
+        (40, 301, 264, 64, 64, False, False),
+        (200, 301, 264, 64, 64, True, False),  # the scratch's dz does not fit below it
+    ],
+)
+def test_scratch_passes_keep_every_dz_in_free_memory(n, v, d, chunk, tile, borrow, first):
+    """Replays both passes of `scratch_passes` over dC's memory: each vocabulary row gets its dE
+    product once and its dC once (the deferred ones after dE is final); a borrowed dz is whole
+    tiles wide and lies in elements that hold neither a written dC row, nor the scratch before
+    dE is final, nor the chunk's own dC rows. ``first``: the scratch's rows come first."""
+    own = n // 2
+    start = grad_e._scratch_start(n - own, v, d)
+    scratch = range(start, start + grad_e._scratch_elements(n - own, d, 2))
+    order, again, live = grad_e.scratch_passes(
+        n, v, d, chunk=chunk, tile=tile, start=start, borrow=borrow
+    )
+    written = []  # element ranges of the dC rows written so far
+
+    def check(ch, scratch_live):
+        if ch.dz_at is None or ch == live:
+            return
+        assert ch.dz_cols % tile == 0 and ch.dz_cols >= ch.rows and ch.dz_at % 64 == 0
+        dz = range(ch.dz_at, ch.dz_at + n * ch.dz_cols)
+        taken = [*written, range(ch.begin * d, (ch.begin + ch.rows) * d)]
+        taken += [scratch] if scratch_live else []
+        assert not any(max(dz.start, r.start) < min(dz.stop, r.stop) for r in taken), ch
+
+    e_rows, c_rows = [], []
+    for ch in order:
+        check(ch, scratch_live=True)
+        e_rows += range(ch.begin, ch.begin + ch.rows)
+        if not ch.deferred:
+            c_rows += range(ch.begin, ch.begin + ch.rows)
+            written.append(range(ch.begin * d, (ch.begin + ch.rows) * d))
+    assert all((ch.begin + ch.rows) * d <= start for ch in order if not ch.deferred)
+    for ch in again:
+        check(ch, scratch_live=False)
+        c_rows += range(ch.begin, ch.begin + ch.rows)
+        written.append(range(ch.begin * d, (ch.begin + ch.rows) * d))
+    assert sorted(e_rows) == list(range(v)) and sorted(c_rows) == list(range(v))
+    if live is not None:  # its dz is still in place: no dz is written before its dC
+        assert again[0] == live == order[-1]
+    assert (live is None) == first
+    if first:  # the scratch's rows first, as one chunk
+        assert order[0].deferred and order[0].rows == v - order[0].begin
 
 
 @pytest.mark.parametrize(
@@ -580,7 +644,7 @@ def test_borrowed_chunks_fit_in_unwritten_rows(n, v, d, chunk, tile):
         assert (ch.begin + ch.rows) * d <= ch.dz_at and ch.dz_at + n * ch.rows <= free_end
     assert all(ch.rows <= chunk for ch in order[len(borrowed) :])
     # their dC rows are written before the scratch's: a borrowed dz is never recomputed
-    assert not set(borrowed) & set(grad_e.deferred(order, free_end // d))
+    assert all((ch.begin + ch.rows) * d <= free_end for ch in borrowed)
 
 
 def test_narrow_in_place():
@@ -598,15 +662,26 @@ def test_narrow_in_place():
     assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_borrowed_chunks_and_split_scratch(dtype, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype,settings,first",
+    [
+        ("fp32", {}, None),
+        ("bf16", {"MAX_RECOMPUTE": 1.0}, True),
+        ("bf16", {"MAX_RECOMPUTE": 1.0, "NARROW_PRODUCT": 0}, False),  # chunks not narrow
+        ("bf16", {}, False),  # first would recompute more than MAX_RECOMPUTE of the vocabulary
+    ],
+)
+def test_borrowed_chunks_and_split_scratch(dtype, settings, first, monkeypatch):
     """One sequence, no bias: early chunks write dz into dC's unwritten rows, and (bf16) the dE
-    scratch lives half in dE's own buffer, half in dC's last rows. Same loss and dC (bitwise) as
-    one chunk, dE as accurate; the split scratch is narrowed in place."""
+    scratch lives half in dE's own buffer, half in dC's last rows, whose vocabulary rows come
+    ``first`` (one chunk, dz in the rows below) or last. Same loss and dC (bitwise) as one
+    chunk, dE as accurate; the split scratch is narrowed in place."""
     dtype = DTYPES[dtype]
     e, c, _, y = make_inputs(lead=(1,), t=80, dtype=dtype, seed=21)
     opts = dict(softcap=5.0, label_smoothing=0.1, reduction="sum")
     chosen = _spy_accumulators(monkeypatch)
+    for name, value in settings.items():
+        monkeypatch.setattr(grad_e, name, value)
     many = run("triton", e, c, y, chunk_bytes=_chunk_bytes_for(80, dtype), **opts)
     (acc,) = chosen
     assert acc.kind == (grad_e.IN_PLACE if dtype == torch.float32 else grad_e.SCRATCH)
@@ -614,7 +689,8 @@ def test_borrowed_chunks_and_split_scratch(dtype, monkeypatch):
     assert any(borrowed) and not all(borrowed)
     if dtype == torch.bfloat16:
         assert [p[:2] for p in acc.parts] == [(0, 32), (32, 80)]
-        assert grad_e.recompute_rows(acc.order, acc.first_deferred_row) > 0
+        assert acc.recompute_rows > 0 and acc.order[0].deferred == first
+        assert (acc.live is None) == first  # last: the last chunk's dz is reused
     one = run("triton", e, c, y, chunk_bytes=2**30, accum_e_fp32=True, **opts)
     assert_bitwise(many[:2] + many[3:4], one[:2] + one[3:4], names=("loss", "lse", "dc"))
     tru = truth(e, c, y, **opts)
@@ -873,15 +949,19 @@ def _spy_plans(monkeypatch, plans: list):
     monkeypatch.setattr(backward_module.skip_plan, "plan", spy)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_planned_skips_equal_the_compute_time_filter(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,first", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_planned_skips_equal_the_compute_time_filter(dtype, first, monkeypatch):
     """The forward's tile bounds drop tiles unseen; the dropped set, and so every output, is the
-    filter's (several chunks, bf16: the dE scratch and its deferred dC chunks)."""
+    filter's (several chunks, bf16: the dE scratch and its deferred dC chunks, ``first`` or
+    last)."""
     e, c, y = _peaked(DTYPES[dtype], v=V)
     opts = dict(filter_eps=1e-3, chunk_bytes=_chunk_bytes_for(y.numel(), DTYPES[dtype]))
-    plans = []
+    plans, chosen = [], _spy_accumulators(monkeypatch)
     _spy_plans(monkeypatch, plans)
+    if first:
+        monkeypatch.setattr(grad_e, "MAX_RECOMPUTE", 1.0)
     planned = run("triton", e, c, y, **opts)
+    assert chosen[0].order[0].deferred == first
     assert len(plans) == 1 and 0 < plans[0].sum() < plans[0].numel()
     monkeypatch.setattr(function_module, "uses_tile_summaries", lambda *args: False)
     assert_bitwise(run("triton", e, c, y, **opts), planned)
@@ -967,7 +1047,7 @@ def test_fp32_classifier_with_a_16_bit_hidden_gradient(monkeypatch):
         grads[dtype] = grad_e3, grad_c
     assert [a.kind for a in chosen] == [grad_e.IN_PLACE, grad_e.SCRATCH]
     assert len(chosen[1].parts) == 2
-    assert grad_e.recompute_rows(chosen[1].order, chosen[1].first_deferred_row) > 0
+    assert chosen[1].recompute_rows > 0
     (de32, dc32), (de16, dc16) = grads[torch.float32], grads[torch.bfloat16]
     assert torch.equal(dc16, dc32)
     assert rel_err(de16, de32) <= 2**-8, rel_err(de16, de32)

@@ -13,7 +13,8 @@ from vpcce.launch import sweep
 
 
 def tables():
-    return common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS, grad_e.MAX_RECOMPUTE
+    scratch = grad_e.MAX_RECOMPUTE, grad_e.NARROW_PRODUCT
+    return common.GPU_FORWARD_BLOCKS, common.GPU_BLOCKS, scratch
 
 
 def hopper_tables():
@@ -23,10 +24,11 @@ def hopper_tables():
 def test_variant_swaps_and_restores_the_tables():
     saved = tables()
     fwd, bwd = replace(saved[0], n=16), replace(saved[1], v=32)
-    with pytest.raises(RuntimeError), sweep.variant(fwd, bwd, 0.0):
+    scratch = {"MAX_RECOMPUTE": 0.0, "NARROW_PRODUCT": 0}
+    with pytest.raises(RuntimeError), sweep.variant(fwd, bwd, scratch):
         swapped = tables()
         raise RuntimeError("a variant failed")
-    assert swapped == (fwd, bwd, 0.0)
+    assert swapped == (fwd, bwd, (0.0, 0))
     assert tables() == saved
 
 

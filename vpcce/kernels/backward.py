@@ -365,8 +365,7 @@ def backward(
         # the bias gradient's per-token-block column sums are as wide as the largest chunk
         borrow=bias is None,
     )
-    order = acc_e.order
-    widest = max(ch.rows for ch in order)
+    widest = max(ch.rows for ch in acc_e.chunks)
     token_blocks = triton.cdiv(n, cfg.n)
     # whole tiles wide (at most the chunk): a 16-byte row stride TMA can store to
     buffer_cols = triton.cdiv(acc_e.dz_columns, cfg.v) * cfg.v
@@ -419,7 +418,8 @@ def backward(
     def chunk_dz(ch: grad_e.Chunk) -> torch.Tensor:  # [N, rows]: the buffer, or dC's free rows
         if ch.dz_at is None:
             return dz_buffer[:, : ch.rows]
-        return grad_c.view(-1)[ch.dz_at : ch.dz_at + n * ch.rows].view(n, ch.rows)
+        flat = grad_c.view(-1)[ch.dz_at : ch.dz_at + n * ch.dz_cols]
+        return flat.view(n, ch.dz_cols)[:, : ch.rows]
 
     def dlogits(v0: int, cl: int, work: ChunkWork, dz: torch.Tensor):
         if hopper is not None:
@@ -500,8 +500,9 @@ def backward(
             )
 
     limits = sparse_limits(e2, c, grad_c, acc_e)
-    works = dict(zip(order, chunk_work(order, mode, plan, cfg.v, limits), strict=True))
-    deferred = acc_e.deferred()
+    chunks = acc_e.chunks
+    works = dict(zip(chunks, chunk_work(chunks, mode, plan, cfg.v, limits), strict=True))
+    order = acc_e.order
     for ch in order:
         v0, cl, work, dz_c = ch.begin, ch.rows, works[ch], chunk_dz(ch)
         if work.live:
@@ -518,16 +519,16 @@ def backward(
             acc_e.finish(grad_e3)
             if grad_e_ready is not None:
                 grad_e_ready()
-        if ch not in deferred:
+        if not ch.deferred:
             class_grad(v0, cl, work, dz_c)
         if dbias is not None and work.live:
             grad_bias[v0 : v0 + cl] = dbias[:, :cl].sum(dim=0)  # fixed-order reduction
         elif dbias is not None:
             grad_bias[v0 : v0 + cl] = 0
-    # chunks whose dC rows held the dE scratch (never borrowing): the last one's dz is live
-    for ch in reversed(deferred):
+    # the rows whose dC memory held the dE scratch (`grad_e.scratch_passes`)
+    for ch in acc_e.recompute:
         v0, cl, work, dz_c = ch.begin, ch.rows, works[ch], chunk_dz(ch)
-        if ch != order[-1] and work.live:
+        if ch != acc_e.live and work.live:
             dlogits(v0, cl, work, dz_c)
         class_grad(v0, cl, work, dz_c)
     return grad_c, grad_bias

@@ -8,10 +8,10 @@ than 16 bits while it accumulates. The accumulator, in order of preference:
   reduction buffer);
 - `SCRATCH`: an fp32 ``[N, D]`` accumulator in memory that holds nothing yet: its first half of
   the tokens in the 16-bit gradient's own buffer (half the bytes of an fp32 matrix), the rest in
-  the tail of the classifier gradient's buffer, whose rows are written last. The chunks
-  overlapping that tail write their dC once dE is final (the last chunk from its live dz, the
-  others after recomputing theirs): no memory, at the cost of recomputing ~N vocabulary rows,
-  taken only when that is at most `MAX_RECOMPUTE` of the shard;
+  the tail of the classifier gradient's buffer. The vocabulary rows whose dC memory holds it
+  write their dC once dE is final, after recomputing their dz: no memory, at the cost of
+  recomputing ~N vocabulary rows, taken only when that is at most `MAX_RECOMPUTE` of the shard
+  (`scratch_passes` orders the chunks);
 - `FP32`: a separate fp32 buffer, when fp32 accumulation was asked for (``accum_e_fp32``) and the
   scratch would cost too much recompute;
 - `HI_LO`: the 16-bit gradient plus a 16-bit ``[N, D]`` residual (`vpcce.kernels.matmul`).
@@ -23,12 +23,13 @@ H100, N 8192 x D 2304, K 1280 (2026-11-25): cuBLAS into fp32 0.171 ms, Triton hi
 Chunk sizes (`schedule`): each chunk reads and writes the whole ``[N, D]`` fp32 accumulator, so
 fewer, larger chunks move less memory. The ``[N, chunk]`` dz buffer is bounded (64 MB bar), but
 dC's rows that no chunk has written yet are free too: while they can hold a chunk larger than
-the buffer, the chunk's dz goes there (Llama 3 head, N 16384: 26 chunks instead of 72).
+the buffer, the chunk's dz goes there (Llama 3 head, N 16384: 26 dE products instead of 72; 18
+with the scratch's rows first, `scratch_passes`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -41,6 +42,13 @@ IN_PLACE, SCRATCH, FP32, HI_LO_PAIR = "in_place", "scratch", "fp32", "hi_lo"
 # The scratch forces recomputing the dz of the chunks it overlaps; past this fraction of the
 # shard's vocabulary a separate buffer (or the hi/lo residual) is cheaper.
 MAX_RECOMPUTE = 0.3
+
+# dE products narrower than this (K, vocabulary rows) pay for the fp32 accumulator's traffic:
+# cuBLAS hides it behind a longer product (H100, 8192 x 4096 into fp32: +34% over a bf16 output
+# at K 1792, +0% at K 3584). Where the dz buffer's chunks are this narrow the scratch's rows come
+# first (`scratch_passes`; Llama 3 head at N 16384: -1.1 ms of 107), else last (Gemma 2 head at
+# N 8192, 3584-row chunks: +0.2 ms of 59 first). 0: always last, as up to round 17.
+NARROW_PRODUCT = 2048
 
 # Element alignment of everything placed inside dC's buffer: 16 bytes for cuBLAS and TMA, in
 # elements of up to 8 bytes, with room to spare (128 bytes for 16-bit elements).
@@ -67,17 +75,28 @@ class Chunk:
     begin: int  # first vocabulary row
     rows: int
     dz_at: int | None = None  # element offset of its [N, rows] dz in dC's buffer; None: the buffer
+    dz_cols: int | None = None  # the row stride of that dz (whole tiles: TMA writes it)
+    # the first pass adds its dE product only: its dC rows hold the scratch (written once dE is
+    # final, `EGradAccumulator.recompute`)
+    deferred: bool = False
 
 
 def schedule(
-    num_tokens: int, vocab: int, dim: int, *, chunk: int, tile: int, free_end: int | None
+    num_tokens: int,
+    vocab: int,
+    dim: int,
+    *,
+    chunk: int,
+    tile: int,
+    free_end: int | None,
+    begin: int = 0,
 ) -> list[Chunk]:
-    """The chunks, in order. A chunk of ``rows`` rows from row ``v0`` may put its dz in dC's
-    elements from ``(v0 + rows) D`` to ``free_end``, which no chunk has written yet
-    (``free_end``: where dC's unwritten memory ends, None: do not borrow it). It does when they
-    hold more than ``chunk`` rows (whole ``tile`` multiples), else it takes ``chunk`` rows and
-    the dz buffer. A borrowing chunk ends before ``free_end``'s row, so it is never deferred."""
-    out, v0 = [], 0
+    """The chunks of rows ``begin`` to ``vocab``, in order. A chunk of ``rows`` rows from row
+    ``v0`` may put its dz in dC's elements from ``(v0 + rows) D`` to ``free_end``, which no chunk
+    has written yet (``free_end``: where dC's unwritten memory ends, None: do not borrow it). It
+    does when they hold more than ``chunk`` rows (whole ``tile`` multiples), else it takes
+    ``chunk`` rows and the dz buffer. A borrowing chunk ends before ``free_end``'s row."""
+    out, v0 = [], begin
     while v0 < vocab:
         rows = 0
         if free_end is not None:  # (v0 + rows) D + N rows <= free_end, with alignment slack
@@ -85,7 +104,7 @@ def schedule(
             rows = min(rows, vocab - v0) // tile * tile
         if rows > chunk:
             dz_at = (free_end - num_tokens * rows) // _ALIGN * _ALIGN
-            out.append(Chunk(v0, rows, dz_at))
+            out.append(Chunk(v0, rows, dz_at, rows))
         else:
             out.append(Chunk(v0, min(chunk, vocab - v0)))
         v0 += out[-1].rows
@@ -113,14 +132,45 @@ def _own_rows(grad_e3: torch.Tensor, row_block: int) -> int:
     return b * t // 2 // row_block * row_block
 
 
-def deferred(order: list[Chunk], first_row: int) -> list[Chunk]:
-    """The chunks of ``order`` whose dC rows reach ``first_row``: written after dE is final."""
-    return [ch for ch in order if ch.begin + ch.rows > first_row]
+def scratch_passes(
+    num_tokens: int,
+    vocab: int,
+    dim: int,
+    *,
+    chunk: int,
+    tile: int,
+    start: int,
+    borrow: bool,
+    first: bool = True,
+) -> tuple[list[Chunk], list[Chunk], Chunk | None]:
+    """The chunks when dC's elements from ``start`` hold the dE scratch: the first pass (dz, its
+    dE product, and dC unless deferred), the recompute pass once dE is final (dz and dC of the
+    deferred rows), and the recompute chunk whose dz the first pass left in place, if any.
 
-
-def recompute_rows(order: list[Chunk], first_row: int) -> int:
-    """Vocabulary rows whose dz the scratch forces to recompute (the last chunk's dz is live)."""
-    return sum(ch.rows for ch in deferred(order, first_row) if ch != order[-1])
+    Borrowing and ``first``, the scratch's rows (from the whole tile holding ``start``) come
+    first, as one chunk whose dz lies in dC's rows below them, none of which is written yet: one
+    wide dE product instead of ~N / chunk narrow ones, each of which reads and writes the whole
+    fp32 accumulator (H100, an 8192 x 4096 product into fp32: 0.057 ms more than into bf16 at
+    K 1792, nothing at K 3584). Then the rows below, borrowing up to the scratch (`schedule`);
+    the recompute borrows the scratch's own rows, free by then. Otherwise (no borrowing, or that
+    dz does not fit below) the scratch's rows come last, and the last chunk's dz is live for its
+    dC: up to a chunk fewer rows recomputed."""
+    tail = start // dim // tile * tile
+    cols = triton.cdiv(vocab - tail, tile) * tile
+    if borrow and first and tail > 0 and num_tokens * cols <= tail * dim:
+        rows_first = Chunk(tail, vocab - tail, 0, cols, deferred=True)
+        below = schedule(num_tokens, tail, dim, chunk=chunk, tile=tile, free_end=start)
+        again = schedule(
+            num_tokens, vocab, dim, chunk=chunk, tile=tile, free_end=vocab * dim, begin=tail
+        )
+        return [rows_first, *below], again, None
+    order = schedule(
+        num_tokens, vocab, dim, chunk=chunk, tile=tile, free_end=start if borrow else None
+    )
+    order = [replace(ch, deferred=ch.begin + ch.rows > start // dim) for ch in order]
+    # the last chunk (deferred: it reaches the last row) first, before a dz overwrites its own
+    again = [ch for ch in reversed(order) if ch.deferred]
+    return order, again, again[0] if again else None
 
 
 def _narrow_in_place(acc: torch.Tensor, out: torch.Tensor) -> None:
@@ -146,16 +196,25 @@ class EGradAccumulator:
     # [1, rows, D]); SCRATCH's first part lives in the gradient's own buffer
     parts: list[tuple[int, int, torch.Tensor]]
     lo: torch.Tensor | None  # HI_LO_PAIR's residual
-    order: list[Chunk]
-    first_deferred_row: int  # chunks reaching this row write dC after dE is final
+    order: list[Chunk]  # the first pass
+    # SCRATCH: once dE is final, the deferred rows' dC (`scratch_passes`), their dz recomputed
+    # except the `live` chunk's
+    recompute: list[Chunk] = field(default_factory=list)
+    live: Chunk | None = None
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return self.order + self.recompute
 
     @property
     def dz_columns(self) -> int:
         """Columns the dz buffer needs: the largest chunk that does not borrow dC's rows."""
-        return max((ch.rows for ch in self.order if ch.dz_at is None), default=0)
+        return max((ch.rows for ch in self.chunks if ch.dz_at is None), default=0)
 
-    def deferred(self) -> list[Chunk]:
-        return deferred(self.order, self.first_deferred_row)
+    @property
+    def recompute_rows(self) -> int:
+        """Vocabulary rows whose dz is computed twice."""
+        return sum(ch.rows for ch in self.recompute if ch != self.live)
 
     def add(self, dz_chunk, c_chunk, *, skip, skip_tile, blocks, gemm):
         """``acc += dz_chunk @ c_chunk``; ``skip`` (tile flags) drops filtered K steps."""
@@ -234,29 +293,34 @@ def accumulator(
     esize = grad_c.element_size()
     chunk = chunk_len(n, v, esize, tile, chunk_bytes or work_bytes)
 
-    def order(chunk: int, free_end: int) -> list[Chunk]:
-        return schedule(n, v, d, chunk=chunk, tile=tile, free_end=free_end if borrow else None)
+    def order(chunk: int) -> list[Chunk]:
+        return schedule(n, v, d, chunk=chunk, tile=tile, free_end=v * d if borrow else None)
 
     if grad_e3.dtype == torch.float32:
-        return EGradAccumulator(IN_PLACE, [(0, n, grad_e3.zero_())], None, order(chunk, v * d), v)
+        return EGradAccumulator(IN_PLACE, [(0, n, grad_e3.zero_())], None, order(chunk))
     # dC is fp32 while dE is 16-bit where fp32 inputs reduce their hidden gradient in 16 bits
     own = _own_rows(grad_e3, row_block)
     start = _scratch_start(n - own, v, d, esize)
-    if start >= 0 and MAX_RECOMPUTE > 0:
-        scratch_order = order(chunk, start)
-        first = start // d
-        if recompute_rows(scratch_order, first) <= MAX_RECOMPUTE * v:
+    # the scratch's rows first (fewer narrow dE products), else last (a chunk fewer rows
+    # recomputed)
+    orders = (True, False) if chunk < NARROW_PRODUCT else (False,)
+    for first in orders if start >= 0 and MAX_RECOMPUTE > 0 else ():
+        passes = scratch_passes(
+            n, v, d, chunk=chunk, tile=tile, start=start, borrow=borrow, first=first
+        )
+        acc = EGradAccumulator(SCRATCH, [], None, *passes)
+        if acc.recompute_rows <= MAX_RECOMPUTE * v:
             size = _scratch_elements(n - own, d, esize)
             tail = grad_c.view(-1)[start : start + size].view(torch.float32)
-            parts = [(own, n, tail.view(1, n - own, d).zero_())]
+            acc.parts.append((own, n, tail.view(1, n - own, d).zero_()))
             if own:
                 mine = grad_e3.view(-1)[: 2 * own * d].view(torch.float32)
-                parts.insert(0, (0, own, mine.view(1, own, d).zero_()))
-            return EGradAccumulator(SCRATCH, parts, None, scratch_order, first)
+                acc.parts.insert(0, (0, own, mine.view(1, own, d).zero_()))
+            return acc
     if accum_fp32:
         acc = torch.zeros((1, n, d), dtype=torch.float32, device=grad_e3.device)
-        return EGradAccumulator(FP32, [(0, n, acc)], None, order(chunk, v * d), v)
+        return EGradAccumulator(FP32, [(0, n, acc)], None, order(chunk))
     residual = n * d * grad_e3.element_size()
     chunk = chunk_len(n, v, esize, tile, chunk_bytes or max(min_dz_bytes, work_bytes - residual))
     lo = torch.zeros((n, d), dtype=grad_e3.dtype, device=grad_e3.device)
-    return EGradAccumulator(HI_LO_PAIR, [(0, n, grad_e3.zero_())], lo, order(chunk, v * d), v)
+    return EGradAccumulator(HI_LO_PAIR, [(0, n, grad_e3.zero_())], lo, order(chunk))

@@ -58,31 +58,25 @@ FORWARD_VARIANTS = {
     "triton 64x256 w8 s4, split (round 11 default)": (FWD, None, None, {}),
     "triton 64x256 w8 s4, split, loss only": (FWD, None, None, LOSS_ONLY),
 }  # fmt: skip
-# name -> (backward tiles, max scratch recompute fraction (0: no scratch, hi/lo), forward tiles,
-# warp-specialized Hopper dlogits tiles or None for the Triton kernel)
-SCRATCH = grad_e.MAX_RECOMPUTE
+# name -> (backward tiles, `vpcce.kernels.grad_e` settings to override (e.g. MAX_RECOMPUTE 0: no
+# scratch, the hi/lo pair), forward tiles, warp-specialized Hopper dlogits tiles or None for the
+# Triton kernel)
 HOPPER_BWD = common.HOPPER_BACKWARD_BLOCKS
 BACKWARD_VARIANTS = {
     "hopper ws dlogits 128x256 s3 (default: few splits where E fits in L2)": (
-        BWD,
-        SCRATCH,
-        FWD,
-        HOPPER_BWD,
+        BWD, {}, FWD, HOPPER_BWD,
+    ),
+    "hopper ws dlogits, the scratch's rows always last (round 17)": (
+        BWD, {"NARROW_PRODUCT": 0}, FWD, HOPPER_BWD,
     ),
     "hopper ws dlogits, >= SMs / 16 splits (round 13 first)": (
-        BWD,
-        SCRATCH,
-        FWD,
-        replace(HOPPER_BWD, tiles_per_program=1),
+        BWD, {}, FWD, replace(HOPPER_BWD, tiles_per_program=1),
     ),
     "hopper ws dlogits, >= 7 tiles per program": (
-        BWD,
-        SCRATCH,
-        FWD,
-        replace(HOPPER_BWD, tiles_per_program=7),
+        BWD, {}, FWD, replace(HOPPER_BWD, tiles_per_program=7),
     ),
-    "triton dlogits 128x256 s3 chained, group 8 (round 11 default)": (BWD, SCRATCH, FWD, None),
-}
+    "triton dlogits 128x256 s3 chained, group 8 (round 11 default)": (BWD, {}, FWD, None),
+}  # fmt: skip
 
 
 # name -> (linear_cross_entropy options, (dE, dC) densest sparse chunk or None: the defaults,
@@ -99,12 +93,10 @@ FILTER_VARIANTS = {
 
 
 @contextmanager
-def variant(
-    forward=None, backward=None, max_recompute=None, hopper=HOPPER, hopper_backward=HOPPER_BWD
-):
-    """Temporarily swap the module-level tile tables / scratch threshold the kernels read
-    (``hopper=None`` / ``hopper_backward=None``: the Triton kernels even where the
-    warp-specialized ones run)."""
+def variant(forward=None, backward=None, scratch=None, hopper=HOPPER, hopper_backward=HOPPER_BWD):
+    """Temporarily swap the module-level tile tables and `vpcce.kernels.grad_e` settings
+    (``scratch``: name -> value) the kernels read (``hopper=None`` / ``hopper_backward=None``:
+    the Triton kernels even where the warp-specialized ones run)."""
     names = (
         "GPU_FORWARD_BLOCKS",
         "GPU_BLOCKS",
@@ -112,17 +104,20 @@ def variant(
         "HOPPER_BACKWARD_BLOCKS",
     )
     saved = [getattr(common, name) for name in names]
-    saved_recompute = grad_e.MAX_RECOMPUTE
+    scratch = scratch or {}
+    saved_scratch = {name: getattr(grad_e, name) for name in scratch}
     for name, value in zip(names, (forward or saved[0], backward or saved[1], hopper,
                                    hopper_backward), strict=True):  # fmt: skip
         setattr(common, name, value)
-    grad_e.MAX_RECOMPUTE = saved_recompute if max_recompute is None else max_recompute
+    for name, value in scratch.items():
+        setattr(grad_e, name, value)
     try:
         yield
     finally:
         for name, value in zip(names, saved, strict=True):
             setattr(common, name, value)
-        grad_e.MAX_RECOMPUTE = saved_recompute
+        for name, value in saved_scratch.items():
+            setattr(grad_e, name, value)
 
 
 @contextmanager
@@ -184,9 +179,9 @@ def sweep_forward(e, c, y) -> list[dict]:
 def sweep_backward(e, c, y) -> list[dict]:
     t_loss, t_de, t_dc = truth(e, c, y)
     rows = []
-    for name, (cfg, max_recompute, fwd, hopper_bwd) in BACKWARD_VARIANTS.items():
+    for name, (cfg, scratch, fwd, hopper_bwd) in BACKWARD_VARIANTS.items():
         with (
-            variant(fwd, cfg, max_recompute, hopper_backward=hopper_bwd),
+            variant(fwd, cfg, scratch, hopper_backward=hopper_bwd),
             failure_noted(rows, name),
         ):
             loss, de, dc = fwd_bwd(vpcce_loss, e, c, y)
