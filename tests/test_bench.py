@@ -50,6 +50,8 @@ def test_cpu_tiny_writes_table_json_png(tmp_path, capsys):
         for n in cfg["n"]:
             (floor,) = _rows(report, data=data, n=n, method=bench.FLOOR)
             assert floor["ms"]["fw+bw"] == pytest.approx(4 * floor["gemm_ms"])
+            assert floor["gemm_ms_after"] > 0  # timed again after the methods: the drift
+            assert f"- floor drift ({data}, N {n}): the GEMM took" in table
             for method in cfg["methods"]:
                 (row,) = _rows(report, data=data, n=n, method=method)
                 assert row["status"] == "ok", row

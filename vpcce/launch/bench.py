@@ -22,7 +22,9 @@ Definitions:
 - time: median over ``rep`` repetitions after ``warmup`` untimed ones. CUDA: a pair of CUDA events
   around each repetition (a fixed repetition count rather than ``triton.testing.do_bench``'s
   time-based one, so every rank of a torchrun group runs the same number of collectives).
-  CPU: ``time.perf_counter``.
+  CPU: ``time.perf_counter``. The floor is timed before the methods and again after them
+  (``gemm_ms_after``, printed as the floor's drift; the ratios use the first): under load the
+  GPU's clocks follow its power state, which moves a long run's times by several percent.
 - op memory: peak memory during the op minus what was allocated before it (inputs excluded), minus
   the gradients the op returns (bw, fw+bw) — the definition of `kernel_check` and of the peer
   table in shared/README.md. CUDA: ``torch.cuda.max_memory_allocated``; CPU: the live bytes of
@@ -422,9 +424,10 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
     e, y = batch.e[:n], batch.targets[:n]
     c = batch.c[s.start : s.stop]
     rows = []
+    floor_ms = lambda: _reduce_max(run, [median_ms(run, lambda _: M.gemm(e, c))])[0]
     if cfg.floor:
         with torch.no_grad():
-            t = _reduce_max(run, [median_ms(run, lambda _: M.gemm(e, c))])[0]
+            t = floor_ms()
         rows.append(
             dict(
                 data=data,
@@ -483,6 +486,9 @@ def bench_shape(run: Run, data: str, batch: Batch, n: int, fns: dict) -> list[di
                 )
         _free(run)
         run.log(f"  {data} N {n} {name}: " + _summary(results[name]))
+    if cfg.floor:  # the GPU's clocks drift with its power state: how far, over the methods
+        with torch.no_grad():
+            rows[0]["gemm_ms_after"] = floor_ms()
     return rows + list(results.values())
 
 

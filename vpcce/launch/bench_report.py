@@ -58,6 +58,12 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"- not run: `{k}`: {v}" for k, v in report["unavailable"].items()]
     for r in report["results"]:
+        if r["method"] == FLOOR and "gemm_ms_after" in r:
+            lines.append(
+                f"- floor drift ({r['data']}, N {r['n']}): the GEMM took {r['gemm_ms']:.3g} ms "
+                f"before the methods, {r['gemm_ms_after']:.3g} ms after them"
+            )
+    for r in report["results"]:
         if "comm" in r and r["status"] == "ok":
             hidden = r["comm"]["overlapped_ms"]
             lines.append(
