@@ -111,6 +111,20 @@ def test_matches_triton_forward(case, summary, split, hopper):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("split", [1, 2], ids=["split1", "split2"])
+def test_target_logit_is_the_tiles_logit_bit_for_bit(case, split, hopper):
+    """`vpcce.kernels.target_logit` computes ZTARGET out of the tiles. With every target at its
+    token's maximum it equals the MAX column, bit for bit: the same tensor-core chains as the
+    tile's, so ``lse - z_target`` cancels their rounding as when the tile picked the target."""
+    e, c, y, bias, kw = _case_inputs(case)
+    cfg = replace(HOPPER, split_every=split)
+    first, _ = _partials(e, c, y, bias, cfg, **kw)
+    got, _ = _partials(e, c, argmax_column(first).long(), bias, cfg, **kw)
+    assert torch.equal(got[:, ZTARGET], got[:, MAX])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("sum_z", [False, True], ids=["loss", "label-smoothing"])
 def test_loss_columns_without_stats_are_bitwise_the_full_ones(case, sum_z, hopper):
     """Without the entropy / argmax (and the sum of the logits) the epilogue is shorter; what the

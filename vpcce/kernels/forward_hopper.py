@@ -16,9 +16,11 @@ softmax statistics, while nothing else issued MMAs. Here a program is three part
 
 Programs run in a grouped order (`GROUP` token blocks share a wave) and `num_splits` picks the
 vocabulary splits. The epilogue computes only the columns the caller reads (``STATS``,
-``SUM_Z``): the loss needs ~9 instructions per logit, the entropy and argmax twice that. H100
-(docs/perf.md, rounds 12, 14 and 17): Gemma 24.9 -> 14.0 ms, 1.06 x the cuBLAS GEMM; Llama
-45.0 -> 25.2 ms, 1.07 x (every column: 15.5 and 27-31 ms).
+``SUM_Z``), and not the target logit, which `launch` takes from `vpcce.kernels.target_logit`
+(the same value, bit for bit): the loss needs ~5.6 instructions per logit, the entropy and
+argmax three times that. H100 (docs/perf.md, rounds 12, 14, 17 and 18): Gemma 24.9 -> 14.0
+ms (1.06 x the cuBLAS GEMM) and 0.38 ms less in round 18; Llama 45.0 -> 25.2 ms (1.07 x) and
+0.22 ms less (every column: 15.5 and 27-31 ms before round 18).
 
 Accuracy follows the Triton forward's split accumulation (Hopper's accumulator chain truncates,
 round 2): every chain of ``SPLIT`` 64-wide K steps starts from zero (``use_acc=False``) and is
@@ -43,6 +45,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from vpcce.kernels.common import Blocks, tma_addressable
+from vpcce.kernels.target_logit import target_logits
+from vpcce.partials import ZTARGET
 
 # Gluon is experimental and its API moves (Triton 3.9 renamed the TMA copies these kernels call):
 # they run only on the Triton minor versions they were validated with, else the Triton kernels do
@@ -145,8 +149,8 @@ def _first_max(z, cols):
 
 
 @gluon.jit
-def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x_log2, z_target, STATS: gl.constexpr):
-    """Add the half tile of columns ``v0 + cols`` to the running sums (rescaled to ``m_ref``).
+def _add_half(z, m_ref, s_sum, x_log2, STATS: gl.constexpr):
+    """Add a half tile to the running sums (rescaled to ``m_ref``).
 
     In base 2: ``t = (z - m_ref) log2 e`` (subtracting first: an FFMA against a rounded
     ``m_ref log2 e`` would shift every ``t`` by up to ``|m| 6e-8``), ``p = 2^t``, and ``x``
@@ -158,14 +162,7 @@ def _add_half(z, cols, v0, V, m_ref, y_local, s_sum, x_log2, z_target, STATS: gl
     s_sum += gl.sum(p, axis=1)
     if STATS:
         x_log2 += gl.sum(p * gl.maximum(t, -256.0), axis=1)
-    # the target's column in this half, or -1; a target owned by the next shard can fall on a
-    # padding column, hence the V bound
-    y_col = y_local - v0
-    y_col = gl.where((y_col >= 0) & (y_col < gl.minimum(V - v0, cols.shape[0])), y_col, -1).to(
-        gl.int32
-    )
-    z_target += gl.sum(gl.where(cols[None, :] == y_col[:, None], z, 0.0), axis=1)
-    return s_sum, x_log2, z_target
+    return s_sum, x_log2
 
 
 @gluon.jit
@@ -191,9 +188,9 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCALE: gl.const
               SUM_Z: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
     """Consumer warpgroup ``WG``: rows ``n0 + 64 WG ...`` of the program's tiles; ``ops`` are the
     kernel's buffers, barriers, pointers and scalars (a tuple: one list for both warpgroups)."""
-    (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr, N, V,
-     seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k, stride_yb, stride_yt, stride_ps,
-     stride_tmt, stride_bias, logit_scale, softcap) = ops  # fmt: skip
+    (e_bufs, c_bufs, ready, empty, bias_ptr, part_ptr, part_int_ptr, tile_max_ptr, N, V,
+     vocab_start, n0, pid_s, t_begin, t_end, num_k, stride_ps, stride_tmt, stride_bias,
+     logit_scale, softcap) = ops  # fmt: skip
     groups: gl.constexpr = ready.type.shape[0]
     rows: gl.constexpr = e_bufs.type.shape[1] // 2
     half: gl.constexpr = c_bufs.type.shape[1] // 2
@@ -206,17 +203,12 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCALE: gl.const
     n = n0 + WG * rows + gl.arange(0, rows, layout=row_layout)
     n_mask = n < N
     n64 = n.to(gl.int64)
-    y = gl.load(
-        y_ptr + (n64 // seq_len) * stride_yb + (n64 % seq_len) * stride_yt, mask=n_mask, other=-1
-    )
-    y_local = y.to(gl.int64) - vocab_start  # outside [0, V) when another shard owns the target
     cols = gl.arange(0, half, layout=col_layout)
 
     m = gl.full([rows], float("-inf"), gl.float32, row_layout)
     s_sum = gl.zeros([rows], gl.float32, row_layout)
     x = gl.zeros([rows], gl.float32, row_layout)
     sum_z = gl.zeros([rows], gl.float32, row_layout)
-    z_target = gl.zeros([rows], gl.float32, row_layout)
     arg = gl.zeros([rows], gl.int32, row_layout)
     i = 0
     for t in range(t_begin, t_end):
@@ -268,12 +260,8 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCALE: gl.const
         s_sum = s_sum * alpha
         s_tile = gl.zeros_like(s_sum)
         x_tile = gl.zeros_like(x)
-        s_tile, x_tile, z_target = _add_half(
-            z_lo, cols, v_lo, V, m_ref, y_local, s_tile, x_tile, z_target, STATS
-        )
-        s_tile, x_tile, z_target = _add_half(
-            z_hi, cols, v_hi, V, m_ref, y_local, s_tile, x_tile, z_target, STATS
-        )
+        s_tile, x_tile = _add_half(z_lo, m_ref, s_tile, x_tile, STATS)
+        s_tile, x_tile = _add_half(z_hi, m_ref, s_tile, x_tile, STATS)
         s_sum += s_tile
         if STATS:
             x += x_tile * 0.6931471805599453  # back to natural log units
@@ -284,7 +272,7 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCALE: gl.const
     gl.store(out + 1, s_sum, mask=n_mask)
     gl.store(out + 2, x, mask=n_mask)
     gl.store(out + 3, sum_z, mask=n_mask)
-    gl.store(out + 4, z_target, mask=n_mask)
+    gl.store(out + 4, gl.zeros_like(sum_z), mask=n_mask)  # ZTARGET: `launch` fills split 0's
     out_int = part_int_ptr + stride_ps * pid_s + n64 * 6
     gl.store(out_int + 5, arg + vocab_start, mask=n_mask)
 
@@ -328,19 +316,15 @@ def _cce_fwd_ws_kernel(
     e_desc,
     c_desc,
     bias_ptr,
-    y_ptr,
     part_ptr,
     part_int_ptr,
     tile_max_ptr,
     N,
     V,
     D,
-    seq_len,
     vocab_start,
     num_splits,
     tiles_per_split,
-    stride_yb,
-    stride_yt,
     stride_ps,
     stride_tmt,
     stride_bias,
@@ -369,9 +353,9 @@ def _cce_fwd_ws_kernel(
     # K steps, rounded up to whole SPLIT chains: TMA zero-fills the steps past D
     num_k = gl.cdiv(gl.cdiv(D, block_d), SPLIT) * SPLIT
     first_row = gl.to_tensor(0)  # the whole shard (the backward's producer starts at a chunk)
-    ops = (e_bufs, c_bufs, ready, empty, bias_ptr, y_ptr, part_ptr, part_int_ptr, tile_max_ptr,
-           N, V, seq_len, vocab_start, n0, pid_s, t_begin, t_end, num_k, stride_yb, stride_yt,
-           stride_ps, stride_tmt, stride_bias, logit_scale, softcap)  # fmt: skip
+    ops = (e_bufs, c_bufs, ready, empty, bias_ptr, part_ptr, part_int_ptr, tile_max_ptr, N, V,
+           vocab_start, n0, pid_s, t_begin, t_end, num_k, stride_ps, stride_tmt, stride_bias,
+           logit_scale, softcap)  # fmt: skip
     gl.warp_specialize(
         [
             (_consumer, (ops, _WG0, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, SUMMARY, STATS, SUM_Z,
@@ -459,7 +443,9 @@ def launch(
     stats=True,
     sum_z=True,
 ):
-    """Fill ``parts`` ([S, N, 6]) with the per-split partials (grid: token blocks x S).
+    """Fill ``parts`` ([S, N, 6]) with the per-split partials (grid: token blocks x S); the
+    ZTARGET column holds the whole shard's target logit in split 0 (`target_logit`), 0 in the
+    others.
 
     ``stats=False`` skips the XLOGX and ARGMAX columns, ``sum_z=False`` the SUMZ column (see
     `vpcce.kernels.forward.forward_partials`).
@@ -472,19 +458,15 @@ def launch(
         e_desc,
         c_desc,
         bias_arg,
-        y2,
         parts,
         parts.view(torch.int32),
         tile_max if tile_max is not None else parts,
         n,
         v,
         d,
-        seq_len,
         vocab_start,
         splits,
         tiles_per_split,
-        y2.stride(0),
-        y2.stride(1),
         parts.stride(0),
         tile_max.stride(0) if tile_max is not None else 0,
         bias_arg.stride(0),
@@ -505,3 +487,7 @@ def launch(
         # 3 warpgroups (2 consumers, the producer's) share the register file: 65536 / 384 threads
         maxnreg=168,
     )
+    target_logits(
+        e2, c, bias, y2, parts[0, :, ZTARGET], seq_len=seq_len, vocab_start=vocab_start,
+        logit_scale=logit_scale, softcap=softcap, block_d=cfg.d, split=cfg.split_every,
+    )  # fmt: skip
