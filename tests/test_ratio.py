@@ -1,0 +1,23 @@
+"""`vpcce.launch.ratio` on the CPU: every repetition times the GEMM, fw and fw+bw in turn."""
+
+import json
+import math
+
+from vpcce.launch import ratio
+
+
+def test_ratio_times_each_repetition_in_turn(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rows = ratio.main(
+        ["--n", "48", "--d", "16", "--v", "300", "--entropies", "1,5", "--reps", "3",
+         "--impl", "torch", "--device", "cpu", "--json", str(out)]
+    )  # fmt: skip
+    assert [r["entropy"] for r in rows] == [1.0, 5.0]
+    for r in rows:
+        assert {k: len(v) for k, v in r["ms"].items()} == {"gemm": 3, "fw": 3, "fw+bw": 3}
+        fw = sorted(f / g for f, g in zip(r["ms"]["fw"], r["ms"]["gemm"], strict=True))
+        assert r["ratio"]["fw"] == fw[1]  # the median of the per-repetition ratios
+        assert all(math.isfinite(x) and x > 0 for x in r["ratio"].values())
+    assert json.loads(out.read_text())["rows"][1]["ratio"] == rows[1]["ratio"]
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| N × D × V") and len(table) == 2 + len(rows)

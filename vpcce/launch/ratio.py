@@ -1,0 +1,120 @@
+"""vpcce against the GEMM floor, timed in turn within every repetition.
+
+    python -m vpcce.launch.ratio --n 16384 --d 4096 --v 128256 --entropies 1,5,12 --reps 20
+
+Under load an H100 runs at its 700 W cap and its clocks follow the power state, so the ratio
+of two times depends on when each was taken (docs/perf.md round 18). `vpcce.launch.bench` times
+each op over its own run of repetitions, the GEMM first; here every repetition times, back to
+back, the GEMM ``e @ c.T``, vpcce's forward (inputs requiring grad) and its forward+backward,
+each with CUDA events (``perf_counter`` on the CPU), and takes the median over repetitions of
+the ratios fw / GEMM and fw+bw / 4 GEMM. Neither is the ratio at one fixed clock: a GEMM timed
+right after a fw+bw ran up to 7% faster than in the bench's own run of GEMMs (Llama head).
+
+Options are `linear_cross_entropy`'s (``--impl``, ``--filter-eps``). Data: LM-like peaked
+logits (`vpcce.launch.data.lm_like`). A markdown table is printed last; ``--json`` keeps
+every repetition's times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from vpcce import linear_cross_entropy
+from vpcce.launch.data import lm_like
+
+
+def _timer(device: torch.device):
+    """``time(fn) -> ms getter``: CUDA events read after one synchronize, or wall time."""
+    if device.type != "cuda":
+
+        def wall(fn):
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+            return lambda: ms
+
+        return wall
+
+    def events(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        return lambda: start.elapsed_time(end)
+
+    return events
+
+
+def measure(e, c, y, *, reps: int, warmup: int = 3, **options) -> dict:
+    """Per-repetition times (ms) of the GEMM, vpcce's fw and fw+bw, in turn; the medians of
+    the per-repetition ratios."""
+    e_, c_ = e.detach().requires_grad_(), c.detach().requires_grad_()
+    ops = {
+        "gemm": lambda: e @ c.T,
+        "fw": lambda: linear_cross_entropy(e_, c_, y, **options),
+        "fw+bw": lambda: torch.autograd.grad(linear_cross_entropy(e_, c_, y, **options), (e_, c_)),
+    }
+    for _ in range(warmup):
+        for op in ops.values():
+            op()
+    time_ = _timer(e.device)
+    pending = {name: [] for name in ops}
+    for _ in range(reps):
+        for name, op in ops.items():
+            pending[name].append(time_(op))
+    if e.device.type == "cuda":
+        torch.cuda.synchronize(e.device)
+    ms = {name: [get() for get in got] for name, got in pending.items()}
+    ratio = {
+        "fw": statistics.median(f / g for f, g in zip(ms["fw"], ms["gemm"], strict=True)),
+        "fw+bw": statistics.median(
+            f / (4 * g) for f, g in zip(ms["fw+bw"], ms["gemm"], strict=True)
+        ),
+    }
+    return {"ms": ms, "median_ms": {k: statistics.median(v) for k, v in ms.items()}, "ratio": ratio}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=2304)
+    parser.add_argument("--v", type=int, default=256000)
+    parser.add_argument("--entropies", default="5", help="mean entropies in nats, e.g. 1,5,12")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--impl", default="auto")
+    parser.add_argument("--filter-eps", default="auto", help='"auto", "none" or a float')
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    text = args.filter_eps.lower()
+    eps = {"auto": "auto", "none": None}[text] if text in ("auto", "none") else float(text)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    rows = []
+    for entropy in (float(x) for x in args.entropies.split(",")):
+        batch = lm_like(args.n, args.d, args.v, entropy=entropy, dtype=dtype, device=args.device)
+        got = measure(
+            batch.e, batch.c, batch.targets, reps=args.reps, impl=args.impl, filter_eps=eps
+        )
+        rows.append(dict(n=args.n, d=args.d, v=args.v, entropy=entropy, **got))
+        del batch
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    print("| N × D × V | entropy | GEMM ms | fw ms | fw+bw ms | fw / GEMM | fw+bw / 4 GEMM |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, q = r["median_ms"], r["ratio"]
+        print(
+            f"| {r['n']} × {r['d']} × {r['v']} | {r['entropy']:g} | {t['gemm']:.2f} | "
+            f"{t['fw']:.2f} | {t['fw+bw']:.2f} | {q['fw']:.3f} | {q['fw+bw']:.3f} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
