@@ -8,7 +8,7 @@ each op over its own run of repetitions, the GEMM first; here every repetition t
 back, the GEMM ``e @ c.T``, vpcce's forward (inputs requiring grad) and its forward+backward,
 each with CUDA events (``perf_counter`` on the CPU), and takes the median over repetitions of
 the ratios fw / GEMM and fw+bw / 4 GEMM. Neither is the ratio at one fixed clock: a GEMM timed
-right after a fw+bw ran up to 7% faster than in the bench's own run of GEMMs (Llama head).
+right after a fw+bw ran up to 8% faster than in the bench's own run of GEMMs (Llama head).
 
 Options are `linear_cross_entropy`'s (``--impl``, ``--filter-eps``). Data: LM-like peaked
 logits (`vpcce.launch.data.lm_like`). A markdown table is printed last; ``--json`` keeps
