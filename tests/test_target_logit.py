@@ -1,6 +1,6 @@
 """`vpcce.kernels.target_logit`: each token's target logit (the Hopper forward's ZTARGET
-partial) against fp64, in the interpreter on CPU; on Hopper, `tests/test_forward_hopper.py`
-checks it bit for bit against the forward tile's logit."""
+partial) against fp64, in the interpreter on CPU (compiled, bf16, on a GPU); on Hopper,
+`tests/test_forward_hopper.py` checks it bit for bit against the forward tile's logit."""
 
 import pytest
 import torch
