@@ -76,3 +76,34 @@ def test_bias_and_filtering_keep_the_triton_kernel(monkeypatch):
     linear_cross_entropy(e, c, y, bias, impl="triton").backward()
     linear_cross_entropy(e, c, y, impl="triton", filter_eps=1e-4).backward()
     assert not calls
+
+
+def test_target_columns_hold_the_forwards_value(monkeypatch):
+    """Each target's column of the Hopper kernel's dz is `target_dz`'s 16-bit value, bit for bit
+    (not the kernel's own one-chain logit): several chunks, softcap, smoothing, ignored tokens."""
+    from test_target_dz import _captured_chunks
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n, d, v = 700, 256, 3000
+    c = (torch.randn(v, d, device="cuda", generator=g) / d**0.5).to(torch.bfloat16)
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    e = (4.0 * c.float()[y] + 0.3 * torch.randn(n, d, device="cuda", generator=g)).bfloat16()
+    y[::9] = -100
+    calls = []
+    launcher = backward_hopper.launcher
+    monkeypatch.setattr(
+        backward_hopper, "launcher", lambda *a, **k: calls.append(1) or launcher(*a, **k)
+    )
+    got = _captured_chunks(monkeypatch)
+    opts = dict(softcap=20.0, label_smoothing=0.05, chunk_bytes=n * 1024 * 2)
+    _grads(e, c, y, common.HOPPER_BACKWARD_BLOCKS, **opts)
+    assert calls and len(got["chunks"]) > 1
+    ((hi, owned),) = got["hi"]
+    assert owned.sum() == n - len(range(0, n, 9))
+    seen = torch.zeros_like(owned)
+    for dz, v0 in got["chunks"]:
+        here = owned & (y >= v0) & (y < v0 + dz.shape[1])
+        tokens = here.nonzero()[:, 0]
+        assert torch.equal(dz[tokens, y[tokens] - v0], hi[tokens])
+        seen |= here
+    assert torch.equal(seen, owned)

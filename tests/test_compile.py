@@ -176,7 +176,7 @@ def test_opcheck(impl, filter_eps, stats_used):
         torch.library.opcheck(fwd, (e, c, targets, b, *options, True, stats_used, True))
         with torch.no_grad():  # the backward op has no backward (no double backward)
             out = fwd(e, c, targets, b, *options, True, stats_used, True)
-        _, lse, _, argmax, valid, count, bounds = out
+        _, lse, _, argmax, z_target, valid, count, bounds = out
         assert ((argmax >= 0) if stats_used else (argmax == -1)).all()  # computed when asked
         assert (bounds.numel() > 0) == (impl == "triton" and b is None)
         grad_loss = torch.rand(B, T - 1)
@@ -186,6 +186,7 @@ def test_opcheck(impl, filter_eps, stats_used):
             targets,
             None if b is None else b.detach(),
             lse,
+            z_target,
             valid,
             count,
             bounds,

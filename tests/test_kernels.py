@@ -244,7 +244,7 @@ def _shard_inputs(dtype):
     return e, c, b, y
 
 
-def _shard_backward(impl, layout, c, b, start, lse, g_nll, g_lse):
+def _shard_backward(impl, layout, c, b, start, lse, z_target, g_nll, g_lse):
     grad_e3 = torch.full_like(layout.e3, float("nan"))  # backward must write every element
     grad_c, grad_b = impl.backward(
         layout,
@@ -252,6 +252,7 @@ def _shard_backward(impl, layout, c, b, start, lse, g_nll, g_lse):
         c,
         b,
         lse=lse,
+        z_target=z_target,
         g_nll=g_nll,
         g_lse=g_lse,
         vocab_start=start,
@@ -273,6 +274,7 @@ def test_out_of_shard_targets(dtype):
     # global LSE from the full vocabulary; loss and LSE-output weights as the Function passes them
     full = vpcce.reference.forward_partials(layout, c, b, vocab_start=0, **SHARD_OPTS)
     lse, _, _, _ = finalize(full, V, 0.1)
+    z_target = full[:, ZTARGET]  # the merged partial, as the Function saves it
     g_nll = torch.rand(n, generator=g) * (layout.flat_targets() != IGNORE)
     g_lse = torch.rand(n, generator=g) * 0.1
 
@@ -294,8 +296,8 @@ def test_out_of_shard_targets(dtype):
         assert ((argmax_column(got) >= start) & (argmax_column(got) < stop)).all()
         parts.append(got)
 
-        kg = _shard_backward(vpcce.kernels, layout, cs, bs, start, lse, g_nll, g_lse)
-        rg = _shard_backward(vpcce.reference, layout, cs, bs, start, lse, g_nll, g_lse)
+        kg = _shard_backward(vpcce.kernels, layout, cs, bs, start, lse, z_target, g_nll, g_lse)
+        rg = _shard_backward(vpcce.reference, layout, cs, bs, start, lse, z_target, g_nll, g_lse)
         # bf16: the kernels round dz to bf16 (the materialized baseline's precision), the
         # reference keeps it in fp32
         tol = FP32_TOL["grad"] if dtype == torch.float32 else BF16_GRAD["ABS"]
@@ -312,7 +314,7 @@ def test_out_of_shard_targets(dtype):
             rel_err(merged[:, col], full[:, col]),
         )
     assert torch.equal(argmax_column(merged), argmax_column(full))
-    whole = _shard_backward(vpcce.reference, layout, c, b, 0, lse, g_nll, g_lse)
+    whole = _shard_backward(vpcce.reference, layout, c, b, 0, lse, z_target, g_nll, g_lse)
     de_sum = sum(gr[0].double() for gr in grads)
     tol = FP32_TOL["grad"] if dtype == torch.float32 else BF16_GRAD["ABS"]
     assert rel_err(de_sum, whole[0]) <= tol, rel_err(de_sum, whole[0])
@@ -1033,15 +1035,17 @@ def test_fp32_classifier_with_a_16_bit_hidden_gradient(monkeypatch):
     of a 16-bit dC. Same dC (bitwise) and dE (rounded) as an fp32 hidden gradient."""
     e, c, _, y = make_inputs(lead=(1,), t=80, seed=23)
     layout = make_layout(e, y, 0)
-    lse = torch.logsumexp(layout.e3.reshape(80, -1) @ c.T, dim=1)
+    z = layout.e3.reshape(80, -1) @ c.T
+    lse = torch.logsumexp(z, dim=1)
+    z_target = z.gather(1, layout.flat_targets()[:, None])[:, 0]
     g_nll = torch.ones(80)
     chosen = _spy_accumulators(monkeypatch)
     grads = {}
     for dtype in (torch.float32, torch.bfloat16):
         grad_e3 = torch.full(layout.e3.shape, float("nan"), dtype=dtype)
         grad_c, _ = vpcce.kernels.backward(
-            layout, grad_e3, c, None, lse=lse, g_nll=g_nll, g_lse=None, vocab_start=0,
-            target_weight=1.0, uniform_weight=0.0, logit_scale=1.0, softcap=None,
+            layout, grad_e3, c, None, lse=lse, z_target=z_target, g_nll=g_nll, g_lse=None,
+            vocab_start=0, target_weight=1.0, uniform_weight=0.0, logit_scale=1.0, softcap=None,
             mode=BackwardMode(), chunk_bytes=_chunk_bytes_for(80, torch.float32),
         )  # fmt: skip
         grads[dtype] = grad_e3, grad_c
@@ -1091,7 +1095,9 @@ def test_grad_e_ready_fires_before_the_last_dc_gemm(monkeypatch, dtype):
     e, c, _, y = make_inputs(dtype=dtype)
     layout = make_layout(e, y, 0)
     n, d = layout.num_tokens, c.shape[1]
-    lse = torch.logsumexp(e.reshape(n, d).float() @ c.float().T, dim=1)
+    z = e.reshape(n, d).float() @ c.float().T
+    lse = torch.logsumexp(z, dim=1)
+    z_target = z.gather(1, layout.flat_targets()[:, None])[:, 0]
     events, snapshots = [], []
     # the package re-exports the function `backward`, which shadows the submodule's name
     module = importlib.import_module("vpcce.kernels.backward")
@@ -1105,8 +1111,9 @@ def test_grad_e_ready_fires_before_the_last_dc_gemm(monkeypatch, dtype):
     monkeypatch.setattr(module.grad_e, "grad_matmul", spy)
     grad_e3 = torch.empty_like(layout.e3)
     module.backward(
-        layout, grad_e3, c, None, lse=lse, g_nll=torch.full((n,), 1.0 / n), g_lse=None,
-        vocab_start=0, target_weight=1.0, uniform_weight=0.0, logit_scale=1.0, softcap=None,
+        layout, grad_e3, c, None, lse=lse, z_target=z_target, g_nll=torch.full((n,), 1.0 / n),
+        g_lse=None, vocab_start=0, target_weight=1.0, uniform_weight=0.0, logit_scale=1.0,
+        softcap=None,
         mode=BackwardMode(), chunk_bytes=1,  # one tile of vocabulary per chunk: several chunks
         grad_e_ready=lambda: (events.append("ready"), snapshots.append(grad_e3.clone())),
     )

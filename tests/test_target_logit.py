@@ -10,6 +10,10 @@ from vpcce.kernels.target_logit import target_logits
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+# With a GPU the kernel runs compiled: a CUDA test then, which `pytest -m cuda` selects; without
+# one it runs in the interpreter and stays in the CPU suite.
+pytestmark = [pytest.mark.cuda] if torch.cuda.is_available() else []
+
 
 def _want(e2, c, bias, y, vocab_start, logit_scale, softcap):
     """fp64 ``softcap(scale (e . c[y] + bias[y]))`` for targets in the shard, else 0."""

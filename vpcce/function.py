@@ -3,8 +3,9 @@
 Forward, in steps: (1) sequence parallel: gather the hidden states; (2) this shard's ``[N, 6]``
 partials from the implementation; (3) vocab parallel: one all-gather of the partials, merged in
 rank order; (4) finalize loss / LSE / entropy / argmax; (5) reduce; (6) save what backward needs.
-Backward recomputes everything else from ``e``, ``c``, ``bias``, ``targets``, the ``[N]`` LSE and,
-when it may skip tiles, the ``[N / BLOCK_N, V / BLOCK_V]`` tile bounds of the forward.
+Backward recomputes everything else from ``e``, ``c``, ``bias``, ``targets``, the ``[N]`` LSE
+and target logit and, when it may skip tiles, the ``[N / BLOCK_N, V / BLOCK_V]`` tile bounds of
+the forward.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from vpcce.layout import gradient_layout, make_layout
 from vpcce.modes import BackwardMode
 from vpcce.parallel import collectives
 from vpcce.parallel.options import VocabParallelOptions
-from vpcce.partials import finalize, merge_partials
+from vpcce.partials import ZTARGET, finalize, merge_partials
 
 _BACKEND_MODULES = {"torch": "vpcce.reference", "triton": "vpcce.kernels"}
 
@@ -147,7 +148,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = nll.view(layout.out_shape)
         # 6. save
         ctx.cfg = cfg
-        ctx.save_for_backward(e, c, bias, targets, lse, valid, count, bounds)
+        # the target logit: the backward's target column of dz (`vpcce.kernels.target_dz`)
+        z_target = parts[:, ZTARGET].contiguous()
+        ctx.save_for_backward(e, c, bias, targets, lse, z_target, valid, count, bounds)
         ctx.mark_non_differentiable(entropy, argmax)
         ctx.set_materialize_grads(False)
         shape = layout.out_shape
@@ -156,7 +159,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax):
-        e, c, bias, targets, lse, valid, count, bounds = ctx.saved_tensors
+        e, c, bias, targets, lse, z_target, valid, count, bounds = ctx.saved_tensors
         cfg: LossConfig = ctx.cfg
         need_e, need_c, need_bias = ctx.needs_input_grad[:3]
         if grad_loss is None and grad_lse is None:
@@ -192,6 +195,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             c,
             bias,
             lse=lse,
+            z_target=z_target,
             g_nll=g_nll,
             g_lse=g_lse,
             vocab_start=cfg.vocab_start,

@@ -5,9 +5,10 @@ vocab-parallel layout collective, the CPU target-range check) and its `LossConfi
 object. Under ``torch.compile`` `linear_cross_entropy` calls one opaque op instead:
 
 - ``vpcce::linear_cross_entropy(e, c, targets, bias, <options as primitives>)`` ->
-  ``(loss, lse, entropy, argmax, valid, count, bounds)``; ``valid`` (``[N]`` bool), ``count``
-  (int64 scalar) and ``bounds`` (the forward's tile bounds, ``[0, 0]`` when the backward skips
-  nothing) are what the backward needs besides the inputs and the LSE.
+  ``(loss, lse, entropy, argmax, z_target, valid, count, bounds)``; ``z_target`` (``[N]``, each
+  token's target logit), ``valid`` (``[N]`` bool), ``count`` (int64 scalar) and ``bounds`` (the
+  forward's tile bounds, ``[0, 0]`` when the backward skips nothing) are what the backward needs
+  besides the inputs and the LSE.
 - ``vpcce::linear_cross_entropy_backward(...)`` -> ``(grad_e, grad_c, grad_bias)``, its registered
   backward (an empty tensor stands for a gradient that is not needed).
 
@@ -125,16 +126,17 @@ def _forward_op(
     stats_used: bool,
     lse_used: bool,
 ) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-]:
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor,
+]:  # fmt: skip
     # stats_used: whether the caller asked for the entropy and argmax (`LossConfig.stats`);
     # lse_used: whether it asked for the LSE (else its gradient is autograd's zeros)
     a = locals()
     cfg = _config(e, c, targets, bias, a, validate, stats=stats_used)
     ctx = _Context(cfg)
     loss, lse, entropy, argmax = _LinearCrossEntropy.forward(ctx, e, c, bias, targets, cfg)
-    *_, valid, count, bounds = ctx.saved_tensors
-    return loss, lse, entropy, argmax, valid, count, _bounds_out(bounds, e)
+    *_, z_target, valid, count, bounds = ctx.saved_tensors
+    return loss, lse, entropy, argmax, z_target, valid, count, _bounds_out(bounds, e)
 
 
 def _bounds_out(bounds: torch.Tensor | None, e: torch.Tensor) -> torch.Tensor:
@@ -193,10 +195,11 @@ def _forward_fake(e, c, targets, bias, *options):
     loss = e.new_empty(shape if a["reduction"] == "none" else (), dtype=dtype)
     per_token = [e.new_empty(shape, dtype=dtype), e.new_empty(shape, dtype=dtype)]
     argmax = e.new_empty(shape, dtype=torch.int64)
+    z_target = e.new_empty((math.prod(shape),), dtype=dtype)
     valid = e.new_empty((math.prod(shape),), dtype=torch.bool)
     count = e.new_empty((), dtype=torch.int64)
     bounds = e.new_empty(_bounds_shape(e, c, targets, bias, a), dtype=torch.float32)
-    return loss, *per_token, argmax, valid, count, bounds
+    return loss, *per_token, argmax, z_target, valid, count, bounds
 
 
 @torch.library.custom_op("vpcce::linear_cross_entropy_backward", mutates_args=())
@@ -206,6 +209,7 @@ def _backward_op(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     lse: torch.Tensor,
+    z_target: torch.Tensor,
     valid: torch.Tensor,
     count: torch.Tensor,
     bounds: torch.Tensor,
@@ -239,7 +243,7 @@ def _backward_op(
     # the forward checked the targets; its stats_used too, so the layout check finds the
     # forward's entry (the option fingerprint includes it)
     cfg = _config(e, c, targets, bias, a, validate=False, stats=stats_used)
-    saved = (e, c, bias, targets, lse.reshape(-1), valid, count, _bounds_in(bounds))
+    saved = (e, c, bias, targets, lse.reshape(-1), z_target, valid, count, _bounds_in(bounds))
     ctx = _Context(cfg, saved, (need_e, need_c, need_bias and bias is not None))
     grad_e, grad_c, grad_bias, _, _ = _LinearCrossEntropy.backward(
         ctx, grad_loss, grad_lse, None, None
@@ -250,9 +254,9 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_fake(
-    e, c, targets, bias, lse, valid, count, bounds, grad_loss, grad_lse, need_e, need_c, need_bias,
-    *options,
-):
+    e, c, targets, bias, lse, z_target, valid, count, bounds, grad_loss, grad_lse, need_e, need_c,
+    need_bias, *options,
+):  # fmt: skip
     need_bias = need_bias and bias is not None
     return (
         torch.empty_like(e) if need_e else e.new_empty(0),
@@ -263,17 +267,18 @@ def _backward_fake(
 
 def _setup_context(ctx, inputs, output):
     e, c, targets, bias, *options = inputs
-    _, lse, entropy, _, valid, count, bounds = output
-    ctx.save_for_backward(e, c, targets, bias, lse, valid, count, bounds)
+    _, lse, entropy, _, z_target, valid, count, bounds = output
+    ctx.save_for_backward(e, c, targets, bias, lse, z_target, valid, count, bounds)
     # the backward op's options (not validate, lse_used; stats_used goes last)
     ctx.options = options[: len(_OPTION_NAMES)]
     ctx.stats_used, ctx.lse_used = options[-2:]
     ctx.num_inputs = len(inputs)
-    ctx.mark_non_differentiable(entropy, bounds)
+    ctx.mark_non_differentiable(entropy, z_target, bounds)
 
 
-def _backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax, _grad_valid, _grad_count, _gb):
-    e, c, targets, bias, lse, valid, count, bounds = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax, *_grad_saved):
+    # (_grad_saved: of z_target, valid, count and bounds, none of them differentiable)
+    e, c, targets, bias, lse, z_target, valid, count, bounds = ctx.saved_tensors
     need_e, need_c, _, need_bias = ctx.needs_input_grad[:4]
     grads = torch.ops.vpcce.linear_cross_entropy_backward(
         e,
@@ -281,6 +286,7 @@ def _backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax, _grad_valid
         targets,
         bias,
         lse,
+        z_target,
         valid,
         count,
         bounds,

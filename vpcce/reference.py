@@ -141,16 +141,19 @@ def backward(
     mode: BackwardMode,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     grad_e_ready: Callable[[], None] | None = None,
+    z_target: torch.Tensor | None = None,
 ):
     """Write this shard's ``dL/de`` into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)``.
 
     Per token ``n`` with upstream weights ``g_nll[n]`` (loss) and ``g_lse[n]`` (LSE output):
     ``dz[n, v] = (g_nll + g_lse) p[n, v] - g_nll (target_weight [v = y_n] + uniform_weight)``,
     then the softcap and logit_scale chain rule. The reference is always exact: ``mode`` is
-    accepted for interface parity and its filter is not applied. ``grad_e_ready`` is called once
-    ``grad_e3`` is final, which here is at the end (dE and dC come from the same loop).
+    accepted for interface parity and its filter is not applied; so is ``z_target`` (the
+    kernels' target column comes from it, here every logit is computed in ``stats_dtype``).
+    ``grad_e_ready`` is called once ``grad_e3`` is final, which here is at the end (dE and dC
+    come from the same loop).
     """
-    del mode
+    del mode, z_target
     n, (v, d) = layout.num_tokens, c.shape
     y_local = layout.flat_targets() - vocab_start
     g_total = g_nll if g_lse is None else g_nll + g_lse

@@ -2,7 +2,9 @@
 
 Math: with ``p = exp(z - lse)`` (global LSE), per token weights ``g`` (loss) and ``g_lse``
 (LSE output) and ``q = target_weight [v = y] + uniform_weight`` (label smoothing),
-``dz = (g + g_lse) p - g q``, times ``1 - (z / softcap)^2`` (softcap) and ``logit_scale``.
+``dz = (g + g_lse) p - g q``, times ``1 - (z / softcap)^2`` (softcap) and ``logit_scale``. The
+target's column comes from the forward's target logit instead (`vpcce.kernels.target_dz`): its
+16-bit value in dz, its rounding residual added to dE's fp32 accumulator.
 
 Data flow, for each vocabulary chunk (`vpcce.kernels.grad_e.schedule`: its ``[N, rows]`` dz is
 either the one logits-sized buffer, bounded by ``chunk_bytes``, or, for the larger early chunks,
@@ -29,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels import grad_e, skip_plan
+from vpcce.kernels import grad_e, skip_plan, target_dz
 from vpcce.kernels.common import (
     blocks,
     dot_precision,
@@ -64,6 +66,7 @@ def _cce_dlogits_kernel(
     lse_ptr,  # [N] fp32 global log-sum-exp
     g_nll_ptr,  # [N] fp32 loss weight per token (0 for ignored tokens)
     g_lse_ptr,  # [N] fp32 LSE-output weight per token (unused without HAS_GLSE)
+    dzt_ptr,  # [N] the target column's dz in the dz dtype (`vpcce.kernels.target_dz`)
     dz_ptr,  # [N, chunk] out: dL/d(e @ c.T + bias) of this chunk, input dtype
     skip_ptr,  # [token blocks, chunk tiles] int8 out: 1 = tile skipped (FILTER or PLAN only)
     plan_ptr,  # [token blocks, vocab tiles] int8: 1 = skip without recomputing (PLAN only)
@@ -193,6 +196,9 @@ def _cce_dlogits_kernel(
             t = z / softcap
             dz = dz * (1.0 - t * t)  # d/dx [s tanh(x / s)] = 1 - tanh^2
         dz = tl.where(valid, dz * logit_scale, 0.0)
+        # the target's column: the forward's logit, in fp64 (a padding row's y is -1: no column)
+        dz_t = tl.load(dzt_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+        dz = tl.where(v[None, :] == y_local[:, None], dz_t[:, None], dz)
         if HAS_BIAS:
             tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
         if ZERO_SKIPPED:  # a dense GEMM reads this tile: drop it by its zeros (plans filter)
@@ -323,10 +329,14 @@ def backward(
     softcap: float | None,
     mode: BackwardMode,
     chunk_bytes: int | None = None,
+    z_target: torch.Tensor,
     grad_e_ready: Callable[[], None] | None = None,
     tile_bounds: torch.Tensor | None = None,
 ):
     """Write ``dL/de`` into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)`` of the shard.
+
+    ``z_target`` ``[N]``: each token's target logit (the forward's merged ``ZTARGET`` partial),
+    which gives the target column of dz (`vpcce.kernels.target_dz`).
 
     ``grad_e_ready`` is called once ``grad_e3`` is final, before the last chunk's dC GEMM, so a
     vocab-parallel caller can overlap the hidden-gradient reduction with it.
@@ -343,6 +353,16 @@ def backward(
     # `vpcce.function` and cost nothing here, but this function is called directly too
     lse, g_nll = lse.contiguous(), g_nll.contiguous()
     g_lse = None if g_lse is None else g_lse.contiguous()
+    y_local = layout.flat_targets() - vocab_start
+    owned = (y_local >= 0) & (y_local < v)
+    dz_target, residual = target_dz.split(
+        target_dz.target_dz(
+            z_target, lse, g_nll, g_lse, target_weight=target_weight,
+            uniform_weight=uniform_weight, logit_scale=logit_scale, softcap=softcap,
+        ),
+        c.dtype,
+        owned,
+    )  # fmt: skip
     grad_c = torch.empty((v, d), dtype=c.dtype, device=c.device)
     grad_bias = None if bias is None else torch.empty_like(bias)
     if n == 0:
@@ -410,9 +430,9 @@ def backward(
     if hopper is not None:
         module, hopper_cfg = hopper
         hopper_dlogits = module.launcher(
-            e2, c, layout.y2, lse, g_nll, g_lse, hopper_cfg,
-            seq_len=layout.seq_len, vocab_start=vocab_start, target_weight=target_weight,
-            uniform_weight=uniform_weight, logit_scale=logit_scale, softcap=softcap,
+            e2, c, layout.y2, lse, g_nll, g_lse, dz_target, hopper_cfg,
+            seq_len=layout.seq_len, vocab_start=vocab_start, uniform_weight=uniform_weight,
+            logit_scale=logit_scale, softcap=softcap,
         )  # fmt: skip
 
     def chunk_dz(ch: grad_e.Chunk) -> torch.Tensor:  # [N, rows]: the buffer, or dC's free rows
@@ -433,6 +453,7 @@ def backward(
             lse,
             g_nll,
             g_lse if g_lse is not None else lse,
+            dz_target,
             dz,
             skip if flagged else dz,
             plan if plan is not None else dz,
@@ -515,7 +536,10 @@ def backward(
                 blocks=(min(cfg.n, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
                 gemm=gemm,
             )
-        if ch == order[-1]:  # dE is final
+        if ch == order[-1]:  # dE is final, once it has the target entries' residuals
+            # (16-bit dz only; not where the filter may drop a target's tile from dE)
+            if c.element_size() < 4 and not (mode.filter_eps and mode.filter_e_grad):
+                acc_e.add_rows(residual, torch.where(owned, y_local, 0), c)
             acc_e.finish(grad_e3)
             if grad_e_ready is not None:
                 grad_e_ready()

@@ -53,9 +53,9 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
                       HAS_GLSE: gl.constexpr):  # fmt: skip
     """Consumer warpgroup ``WG``: the ``dz`` of rows ``n0 + 64 WG ...`` for the program's tiles;
     ``ops`` are the kernel's buffers, barriers, pointers and scalars."""
-    (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr, N,
-     seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k, stride_yb,
-     stride_yt, logit_scale, softcap, target_weight, uniform_weight) = ops  # fmt: skip
+    (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
+     dzt_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k, stride_yb,
+     stride_yt, logit_scale, softcap, uniform_weight) = ops  # fmt: skip
     stages: gl.constexpr = e_bufs.type.shape[0]
     rows: gl.constexpr = e_bufs.type.shape[1] // 2
     cols_n: gl.constexpr = c_bufs.type.shape[1]
@@ -80,7 +80,9 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
         g_p = g + gl.load(g_lse_ptr + n, mask=n_mask, other=0.0)
     lse_log2 = lse * 1.4426950408889634
     g_uniform = g * uniform_weight  # every column's share of the target term
-    g_target = g * target_weight  # the target column's extra share
+    # the target column's dz, from the forward's target logit (`vpcce.kernels.target_dz`): this
+    # kernel's one-chain logit is ~1e-5 off, which p_y - 1 would amplify
+    dz_target = gl.load(dzt_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
     cols = gl.arange(0, cols_n, layout=col_layout)
 
     i = 0
@@ -103,8 +105,8 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(empty.index((i + stages - 1) % stages), count=1)
 
-        # dz = (g + g_lse) p - g q, q = target_weight [v = y] + uniform_weight, times the
-        # softcap and scale derivatives (the Triton kernel's epilogue, in base 2 for the exp)
+        # dz = (g + g_lse) p - g uniform_weight, times the softcap and scale derivatives (the
+        # Triton kernel's epilogue, in base 2 for the exp); the target's column from dz_target
         j0 = t * cols_n
         # (no bias here: `acc` stands in for the unused bias pointer)
         z = _finish_logits(
@@ -116,15 +118,14 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
         p = _exp2(z * 1.4426950408889634 - lse_log2[:, None])
         y_col = y_local - (chunk_begin + j0)
         y_col = gl.where((y_col >= 0) & (y_col < cols_n), y_col, -1).to(gl.int32)
-        # an FFMA for every column, a subtraction kept only in the target's (fewer instructions
-        # per element than forming q: round 17)
+        # an FFMA for every column (fewer instructions per element than forming q: round 17)
         dz = g_p[:, None] * p - g_uniform[:, None]
-        dz = gl.where(cols[None, :] == y_col[:, None], dz - g_target[:, None], dz)
         if HAS_SOFTCAP:
             tz = z / softcap
             dz = dz * (1.0 - tz * tz)
         if HAS_SCALE:
             dz = dz * logit_scale
+        dz = gl.where(cols[None, :] == y_col[:, None], dz_target[:, None], dz)
         tma.store_wait(0)  # this warpgroup's previous tile has left shared memory
         dz_smem.store(dz.to(dz_smem.dtype))
         fence_async_shared()
@@ -135,9 +136,9 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
 
 @gluon.jit
 def _cce_dlogits_ws_kernel(
-    e_desc, c_desc, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
+    e_desc, c_desc, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr, dzt_ptr,
     N, D, seq_len, vocab_start, chunk_begin, chunk_len, num_splits, tiles_per_split,
-    stride_yb, stride_yt, logit_scale, softcap, target_weight, uniform_weight,
+    stride_yb, stride_yt, logit_scale, softcap, uniform_weight,
     HAS_SCALE: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_GLSE: gl.constexpr,
     STAGES: gl.constexpr,
     GROUP: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
@@ -153,8 +154,8 @@ def _cce_dlogits_ws_kernel(
     )
     num_k = gl.cdiv(D, block_d)
     ops = (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
-           N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k, stride_yb,
-           stride_yt, logit_scale, softcap, target_weight, uniform_weight)  # fmt: skip
+           dzt_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k,
+           stride_yb, stride_yt, logit_scale, softcap, uniform_weight)  # fmt: skip
     gl.warp_specialize(
         [
             (_dlogits_consumer, (ops, _WG0, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE)),
@@ -178,12 +179,13 @@ def supported(
     return cfg is not None and forward_supported(e2, c, cfg) and tma_addressable(dz)
 
 
-def launcher(e2, c, y2, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_start,
-             target_weight, uniform_weight, logit_scale, softcap):  # fmt: skip
+def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, vocab_start,
+             uniform_weight, logit_scale, softcap):  # fmt: skip
     """``dlogits(chunk_begin, dz)``: write the ``[N, rows]`` ``dz`` of the chunk from that row.
 
-    The operands' TMA descriptors and the launch arguments are built once per backward, not
-    per chunk (a backward launches 20–90 chunks).
+    ``dz_target`` ``[N]``: the target column's dz (`vpcce.kernels.target_dz`). The operands'
+    TMA descriptors and the launch arguments are built once per backward, not per chunk (a
+    backward launches 20–90 chunks).
     """
     n, d = e2.shape
     e_desc, c_desc, dtype = operand_descriptors(e2, c, cfg)
@@ -194,7 +196,7 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_start,
     # (Gemma: 2 splits x 7 tiles, one wave, -1.8 ms fw+bw); else ~GROUP token blocks per wave
     # (Llama: E is 134 MB; 1 split x 7 tiles took +6 ms, round 13)
     e_in_l2 = e2.numel() * e2.element_size() <= props.L2_cache_size
-    scalars = (logit_scale, softcap or 1.0, target_weight, uniform_weight)
+    scalars = (logit_scale, softcap or 1.0, uniform_weight)
     scalars = tuple(float(x) for x in scalars)
     flags = dict(
         HAS_SCALE=logit_scale != 1.0, HAS_SOFTCAP=softcap is not None, HAS_GLSE=g_lse is not None,
@@ -216,7 +218,7 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, cfg: Blocks, *, seq_len, vocab_start,
             splits = min(num_splits(n, tiles, cfg, sms), triton.cdiv(tiles, cfg.tiles_per_program))
         _cce_dlogits_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
             e_desc, c_desc, dz_descs[key], y2, lse, g_nll,
-            g_lse if g_lse is not None else lse,
+            g_lse if g_lse is not None else lse, dz_target,
             n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, triton.cdiv(tiles, splits),
             y2.stride(0), y2.stride(1), *scalars, **flags,
         )  # fmt: skip

@@ -36,6 +36,7 @@ import triton
 
 from vpcce.kernels.common import plain_matrix
 from vpcce.kernels.matmul import ADD, HI_LO, grad_matmul
+from vpcce.kernels.target_dz import add_rows
 
 IN_PLACE, SCRATCH, FP32, HI_LO_PAIR = "in_place", "scratch", "fp32", "hi_lo"
 
@@ -256,6 +257,12 @@ class EGradAccumulator:
                 skip_tile=skip_tile,
                 **gemm,
             )
+
+    def add_rows(self, weights: torch.Tensor, rows: torch.Tensor, c: torch.Tensor):
+        """``acc[n] += weights[n] * c[rows[n]]`` where ``weights[n] != 0`` (``[N]`` fp32 and
+        int64; `vpcce.kernels.target_dz`), in the accumulator's precision."""
+        for r0, r1, acc3 in self.parts:
+            add_rows(acc3, weights[r0:r1], rows[r0:r1], c, self.lo)
 
     def finish(self, grad_e3: torch.Tensor):
         """Write the accumulated dE into the gradient (no-op when it accumulated in place)."""
