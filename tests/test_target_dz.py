@@ -164,10 +164,11 @@ def _backward_fp32_grad(e, c, y):
     layout = make_layout(e, y, 0)
     n = layout.num_tokens
     z = layout.e3.reshape(n, -1).float() @ c.float().T
-    grad = torch.empty(layout.e3.shape, dtype=torch.float32)
+    grad = torch.empty(layout.e3.shape, dtype=torch.float32, device=e.device)
     vpcce.kernels.backward(
         layout, grad, c, None, lse=torch.logsumexp(z, dim=1),
-        z_target=z.gather(1, layout.flat_targets()[:, None])[:, 0], g_nll=torch.full((n,), 1 / n),
+        z_target=z.gather(1, layout.flat_targets()[:, None])[:, 0],
+        g_nll=torch.full((n,), 1 / n, device=e.device),
         g_lse=None, vocab_start=0, target_weight=1.0, uniform_weight=0.0, logit_scale=1.0,
         softcap=None, mode=BackwardMode(), chunk_bytes=n * 64 * 2,
     )  # fmt: skip

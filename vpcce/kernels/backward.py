@@ -33,6 +33,7 @@ import triton.language as tl
 
 from vpcce.kernels import grad_e, skip_plan, target_dz
 from vpcce.kernels.common import (
+    DZ_DITHER,
     blocks,
     dot_precision,
     even_d,
@@ -41,6 +42,7 @@ from vpcce.kernels.common import (
     logits_tile,
     plain_matrix,
     row_offsets,
+    stochastic_dz,
     tma_descriptor,
     upcast_tiles,
 )
@@ -104,6 +106,8 @@ def _cce_dlogits_kernel(
     PLAN: tl.constexpr,
     ZERO_SKIPPED: tl.constexpr,
     UPCAST: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    DITHER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -203,6 +207,10 @@ def _cce_dlogits_kernel(
             tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
         if ZERO_SKIPPED:  # a dense GEMM reads this tile: drop it by its zeros (plans filter)
             dz = tl.where(small, 0.0, dz)
+        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither per column, then truncation
+            dither = (v.to(tl.uint32) * DITHER) >> 16
+            bits = dz.to(tl.uint32, bitcast=True) + dither[None, :]
+            dz = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)  # exact in bf16
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
@@ -490,6 +498,8 @@ def backward(
             # the gradient it may not filter)
             ZERO_SKIPPED=plan is not None and not (work.sparse_e and work.sparse_c),
             UPCAST=upcast,
+            STOCHASTIC=stochastic_dz(c.dtype),
+            DITHER=DZ_DITHER,
             DOT_PRECISION=precision,
             BLOCK_N=cfg.n,
             BLOCK_V=cfg.v,

@@ -154,6 +154,22 @@ def hopper_backward_blocks() -> Blocks | None:
     return None if interpreting() else HOPPER_BACKWARD_BLOCKS
 
 
+# bf16 dz, rounded stochastically with a per-column dither, deterministic (docs/perf.md round
+# 19): round-to-nearest of a near-uniform softmax rounds a token's ~V equal probabilities the
+# same way, and their errors add up along C's mean row in dE (H200, Llama 3 head at 12 nats: dE
+# 1.79e-3 against the materialized baseline's 1.72e-3 and a floor of 1.66e-3). Column v adds
+# the top 16 bits of v * DZ_DITHER (a Weyl sequence: equidistributed over consecutive columns)
+# to dz's fp32 bits and drops the low 16 bits, so dz rounds up with the probability of its
+# fraction. fp16 dz rounds to nearest (its bits do not truncate to it).
+STOCHASTIC_DZ = True
+DZ_DITHER = 0x9E3779B9  # 2^32 / golden ratio
+
+
+def stochastic_dz(dtype: torch.dtype) -> bool:
+    """Whether the dlogits kernels round a ``dtype`` dz stochastically (`STOCHASTIC_DZ`)."""
+    return STOCHASTIC_DZ and dtype == torch.bfloat16
+
+
 def even_d(d: int, cfg: Blocks) -> bool:
     """True when the K loop's steps tile ``d`` exactly, so the kernels drop the ``d < D`` masks."""
     return d % (cfg.d * (cfg.split_every if cfg.split_acc else 1)) == 0

@@ -1,0 +1,68 @@
+"""bf16 dz rounds stochastically with a per-column dither (`vpcce.kernels.common.STOCHASTIC_DZ`):
+deterministic, unbiased over a token's columns. The Triton kernel in the interpreter on CPU;
+with a GPU, the compiled kernels (the Hopper dlogits kernel on an H100 / H200): CUDA tests."""
+
+import pytest
+import torch
+from test_target_dz import _backward_fp32_grad, _captured_chunks
+from truth import rel_err, truth
+
+from vpcce.kernels import common
+from vpcce.kernels.common import interpreting
+
+DEVICE = "cpu" if interpreting() else "cuda"
+pytestmark = [pytest.mark.cuda] if DEVICE == "cuda" else []
+
+
+def _uniform(n=32, d=64, v=1000):
+    """All logits 0: every token's dz is ``1 / (N V)`` in every column but its target's, a value
+    bf16 does not hold; C's rows share a mean, so a rounding bias adds up coherently in dE."""
+    g = torch.Generator().manual_seed(5)
+    c = (torch.randn(v, d, generator=g) + 1.0).to(torch.bfloat16)
+    e = torch.zeros(1, n, d, dtype=torch.bfloat16)
+    y = torch.randint(0, v, (1, n), generator=g)
+    return e.to(DEVICE), c.to(DEVICE), y.to(DEVICE)
+
+
+def test_each_entry_is_a_neighbour_and_the_columns_average_out(monkeypatch):
+    e, c, y = _uniform()
+    n, v = y.numel(), c.shape[0]
+    got = _captured_chunks(monkeypatch)
+    _backward_fp32_grad(e, c, y)
+    exact = 1.0 / (n * v)
+    nearest = torch.tensor(exact).to(torch.bfloat16)
+    step = -1 if float(nearest) > exact else 1  # to the other neighbour, in bf16 bit patterns
+    other = (nearest.view(torch.int16) + step).view(torch.bfloat16)
+    below, above = sorted((float(nearest), float(other)))
+    values = []
+    for dz, v0 in got["chunks"]:
+        cols = torch.arange(v0, v0 + dz.shape[1], device=DEVICE)
+        others = cols[None, :] != y.view(-1, 1)
+        values.append(dz.double()[others])
+    values = torch.cat(values).cpu()
+    assert ((values == below) | (values == above)).all()
+    assert (values == below).any() and (values == above).any()
+    # unbiased: the mean is off by a small fraction of round-to-nearest's error (0.07 ulp here;
+    # measured ~0.001 ulp)
+    assert abs(values.mean() - exact) < 0.2 * abs(float(nearest) - exact)
+
+
+def test_no_coherent_bias_in_the_hidden_gradient(monkeypatch):
+    """dE (fp32, no final rounding) against the fp64 truth, and the error round-to-nearest
+    would give: its bias times C's column sum, for every token."""
+    e, c, y = _uniform()
+    n, v = y.numel(), c.shape[0]
+    tru = truth(e, c, y)
+    exact = 1.0 / (n * v)
+    bias = float(torch.tensor(exact).to(torch.bfloat16)) - exact
+    rne = ((bias * c.double().sum(dim=0)).norm() * n**0.5 / tru.de.norm()).item()
+    got = rel_err(_backward_fp32_grad(e, c, y), tru.de)
+    assert got < 0.25 * rne, (got, rne)
+    monkeypatch.setattr(common, "STOCHASTIC_DZ", False)  # the interpreter then truncates: to
+    # the nearest neighbour here, so the estimate holds
+    assert rel_err(_backward_fp32_grad(e, c, y), tru.de) > 0.8 * rne
+
+
+def test_deterministic():
+    e, c, y = _uniform()
+    assert torch.equal(_backward_fp32_grad(e, c, y), _backward_fp32_grad(e, c, y))
