@@ -66,3 +66,38 @@ def test_no_coherent_bias_in_the_hidden_gradient(monkeypatch):
 def test_deterministic():
     e, c, y = _uniform()
     assert torch.equal(_backward_fp32_grad(e, c, y), _backward_fp32_grad(e, c, y))
+
+
+def test_a_shard_rounds_its_columns_as_the_whole_vocabulary(monkeypatch):
+    """The dither follows the global vocabulary id: a vocab-parallel shard's dz columns are the
+    single-rank dz's, bit for bit (peaked data, so the entries differ)."""
+    from test_target_dz import _inputs
+
+    import vpcce.kernels
+    from vpcce.layout import make_layout
+    from vpcce.modes import BackwardMode
+
+    e, c, y = (t.to(DEVICE) for t in _inputs(torch.bfloat16, v=300))
+    layout = make_layout(e, y, 0)
+    n = layout.num_tokens
+    z = layout.e3.reshape(n, -1).float() @ c.float().T
+    lse, z_target = torch.logsumexp(z, dim=1), z.gather(1, layout.flat_targets()[:, None])[:, 0]
+
+    def dz_columns(start, stop):
+        got = _captured_chunks(monkeypatch)
+        vpcce.kernels.backward(
+            layout, torch.empty_like(layout.e3), c[start:stop], None, lse=lse, z_target=z_target,
+            g_nll=torch.full((n,), 1 / n, device=DEVICE), g_lse=None, vocab_start=start,
+            target_weight=1.0, uniform_weight=0.0, logit_scale=1.0, softcap=None,
+            mode=BackwardMode(),
+        )  # fmt: skip
+        monkeypatch.undo()
+        columns = {}
+        for dz, row in got["chunks"]:
+            for j in range(dz.shape[1]):
+                columns[row + j] = dz[:, j]
+        return columns
+
+    whole, shard = dz_columns(0, 300), dz_columns(100, 230)
+    assert sorted(shard) == list(range(100, 230))
+    assert all(torch.equal(shard[v], whole[v]) for v in shard)

@@ -207,8 +207,8 @@ def _cce_dlogits_kernel(
             tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
         if ZERO_SKIPPED:  # a dense GEMM reads this tile: drop it by its zeros (plans filter)
             dz = tl.where(small, 0.0, dz)
-        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither per column, then truncation
-            dither = (v.to(tl.uint32) * DITHER) >> 16
+        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither per global column, truncation
+            dither = ((v + vocab_start).to(tl.uint32) * DITHER) >> 16
             bits = dz.to(tl.uint32, bitcast=True) + dither[None, :]
             dz = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)  # exact in bf16
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=valid)

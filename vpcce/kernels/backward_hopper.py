@@ -127,8 +127,8 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
         if HAS_SCALE:
             dz = dz * logit_scale
         dz = gl.where(cols[None, :] == y_col[:, None], dz_target[:, None], dz)
-        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither per column, then truncation
-            dither = ((chunk_begin + j0 + cols).to(gl.uint32) * DITHER) >> 16
+        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither per global column, truncation
+            dither = ((vocab_start + chunk_begin + j0 + cols).to(gl.uint32) * DITHER) >> 16
             bits = dz.to(gl.uint32, bitcast=True) + dither[None, :]
             dz = (bits & 0xFFFF0000).to(gl.float32, bitcast=True)  # exact in bf16
         tma.store_wait(0)  # this warpgroup's previous tile has left shared memory

@@ -157,10 +157,11 @@ def hopper_backward_blocks() -> Blocks | None:
 # bf16 dz, rounded stochastically with a per-column dither, deterministic (docs/perf.md round
 # 19): round-to-nearest of a near-uniform softmax rounds a token's ~V equal probabilities the
 # same way, and their errors add up along C's mean row in dE (H200, Llama 3 head at 12 nats: dE
-# 1.79e-3 against the materialized baseline's 1.72e-3 and a floor of 1.66e-3). Column v adds
-# the top 16 bits of v * DZ_DITHER (a Weyl sequence: equidistributed over consecutive columns)
-# to dz's fp32 bits and drops the low 16 bits, so dz rounds up with the probability of its
-# fraction. fp16 dz rounds to nearest (its bits do not truncate to it).
+# 1.79e-3 against the materialized baseline's 1.72e-3 and a floor of 1.66e-3). The column of
+# global vocabulary id v (so a shard's entries are those of the whole vocabulary) adds the top
+# 16 bits of v * DZ_DITHER (a Weyl sequence: equidistributed over consecutive columns) to dz's
+# fp32 bits and drops the low 16 bits, so dz rounds up with the probability of its fraction.
+# fp16 dz rounds to nearest (its bits do not truncate to it).
 STOCHASTIC_DZ = True
 DZ_DITHER = 0x9E3779B9  # 2^32 / golden ratio
 
