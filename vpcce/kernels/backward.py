@@ -33,7 +33,8 @@ import triton.language as tl
 
 from vpcce.kernels import grad_e, skip_plan, target_dz
 from vpcce.kernels.common import (
-    DZ_DITHER,
+    DZ_DITHER_N,
+    DZ_DITHER_V,
     blocks,
     dot_precision,
     even_d,
@@ -69,6 +70,7 @@ def _cce_dlogits_kernel(
     g_nll_ptr,  # [N] fp32 loss weight per token (0 for ignored tokens)
     g_lse_ptr,  # [N] fp32 LSE-output weight per token (unused without HAS_GLSE)
     dzt_ptr,  # [N] the target column's dz in the dz dtype (`vpcce.kernels.target_dz`)
+    dzt32_ptr,  # [N] fp32, the same before rounding (the bias gradient's; HAS_BIAS only)
     dz_ptr,  # [N, chunk] out: dL/d(e @ c.T + bias) of this chunk, input dtype
     skip_ptr,  # [token blocks, chunk tiles] int8 out: 1 = tile skipped (FILTER or PLAN only)
     plan_ptr,  # [token blocks, vocab tiles] int8: 1 = skip without recomputing (PLAN only)
@@ -107,7 +109,8 @@ def _cce_dlogits_kernel(
     ZERO_SKIPPED: tl.constexpr,
     UPCAST: tl.constexpr,
     STOCHASTIC: tl.constexpr,
-    DITHER: tl.constexpr,
+    DITHER_N: tl.constexpr,
+    DITHER_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -201,16 +204,21 @@ def _cce_dlogits_kernel(
             dz = dz * (1.0 - t * t)  # d/dx [s tanh(x / s)] = 1 - tanh^2
         dz = tl.where(valid, dz * logit_scale, 0.0)
         # the target's column: the forward's logit, in fp64 (a padding row's y is -1: no column)
+        is_target = v[None, :] == y_local[:, None]
+        if HAS_BIAS:  # its unrounded value: the residual goes to dE only
+            dz_t32 = tl.load(dzt32_ptr + n, mask=n_mask, other=0.0)
+            dz_b = tl.where(is_target, dz_t32[:, None], dz)
+            tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz_b, axis=0), mask=j_mask)
         dz_t = tl.load(dzt_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-        dz = tl.where(v[None, :] == y_local[:, None], dz_t[:, None], dz)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + pid_n * stride_dbn + j, tl.sum(dz, axis=0), mask=j_mask)
+        dz = tl.where(is_target, dz_t[:, None], dz)
         if ZERO_SKIPPED:  # a dense GEMM reads this tile: drop it by its zeros (plans filter)
             dz = tl.where(small, 0.0, dz)
-        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither per global column, truncation
-            dither = ((v + vocab_start).to(tl.uint32) * DITHER) >> 16
-            bits = dz.to(tl.uint32, bitcast=True) + dither[None, :]
-            dz = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)  # exact in bf16
+        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither, then truncation
+            rows, cols = n.to(tl.uint32) * DITHER_N, (v + vocab_start).to(tl.uint32) * DITHER_V
+            lattice = rows[:, None] + cols[None, :]
+            bits = dz.to(tl.uint32, bitcast=True) + (lattice >> 16)
+            rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)  # exact in bf16
+            dz = tl.where(dz == dz, rounded, dz)
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
@@ -363,14 +371,11 @@ def backward(
     g_lse = None if g_lse is None else g_lse.contiguous()
     y_local = layout.flat_targets() - vocab_start
     owned = (y_local >= 0) & (y_local < v)
-    dz_target, residual = target_dz.split(
-        target_dz.target_dz(
-            z_target, lse, g_nll, g_lse, target_weight=target_weight,
-            uniform_weight=uniform_weight, logit_scale=logit_scale, softcap=softcap,
-        ),
-        c.dtype,
-        owned,
+    dz_target32 = target_dz.target_dz(
+        z_target, lse, g_nll, g_lse, target_weight=target_weight, uniform_weight=uniform_weight,
+        logit_scale=logit_scale, softcap=softcap,
     )  # fmt: skip
+    dz_target, residual = target_dz.split(dz_target32, c.dtype, owned)
     grad_c = torch.empty((v, d), dtype=c.dtype, device=c.device)
     grad_bias = None if bias is None else torch.empty_like(bias)
     if n == 0:
@@ -462,6 +467,7 @@ def backward(
             g_nll,
             g_lse if g_lse is not None else lse,
             dz_target,
+            dz_target32,
             dz,
             skip if flagged else dz,
             plan if plan is not None else dz,
@@ -499,7 +505,8 @@ def backward(
             ZERO_SKIPPED=plan is not None and not (work.sparse_e and work.sparse_c),
             UPCAST=upcast,
             STOCHASTIC=stochastic_dz(c.dtype),
-            DITHER=DZ_DITHER,
+            DITHER_N=DZ_DITHER_N,
+            DITHER_V=DZ_DITHER_V,
             DOT_PRECISION=precision,
             BLOCK_N=cfg.n,
             BLOCK_V=cfg.v,

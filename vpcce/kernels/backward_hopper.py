@@ -29,7 +29,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from vpcce.kernels.common import DZ_DITHER, Blocks, stochastic_dz, tma_addressable
+from vpcce.kernels.common import (
+    DZ_DITHER_N,
+    DZ_DITHER_V,
+    Blocks,
+    stochastic_dz,
+    tma_addressable,
+)
 from vpcce.kernels.forward_hopper import (
     _ROWS,
     _WG0,
@@ -51,7 +57,7 @@ from vpcce.kernels.forward_hopper import supported as forward_supported  # the s
 @gluon.jit
 def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                       HAS_GLSE: gl.constexpr, STOCHASTIC: gl.constexpr,
-                      DITHER: gl.constexpr):  # fmt: skip
+                      DITHER_N: gl.constexpr, DITHER_V: gl.constexpr):  # fmt: skip
     """Consumer warpgroup ``WG``: the ``dz`` of rows ``n0 + 64 WG ...`` for the program's tiles;
     ``ops`` are the kernel's buffers, barriers, pointers and scalars."""
     (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
@@ -85,6 +91,7 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
     # kernel's one-chain logit is ~1e-5 off, which p_y - 1 would amplify
     dz_target = gl.load(dzt_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
     cols = gl.arange(0, cols_n, layout=col_layout)
+    dither_rows = n.to(gl.uint32) * DITHER_N  # the dither lattice's token term
 
     i = 0
     for t in range(t_begin, t_end):
@@ -127,10 +134,12 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
         if HAS_SCALE:
             dz = dz * logit_scale
         dz = gl.where(cols[None, :] == y_col[:, None], dz_target[:, None], dz)
-        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither per global column, truncation
-            dither = ((vocab_start + chunk_begin + j0 + cols).to(gl.uint32) * DITHER) >> 16
-            bits = dz.to(gl.uint32, bitcast=True) + dither[None, :]
-            dz = (bits & 0xFFFF0000).to(gl.float32, bitcast=True)  # exact in bf16
+        if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither, then truncation
+            dither_cols = (vocab_start + chunk_begin + j0 + cols).to(gl.uint32) * DITHER_V
+            lattice = dither_rows[:, None] + dither_cols[None, :]
+            bits = dz.to(gl.uint32, bitcast=True) + (lattice >> 16)
+            rounded = (bits & 0xFFFF0000).to(gl.float32, bitcast=True)  # exact in bf16
+            dz = gl.where(dz == dz, rounded, dz)  # NaN's bits would carry into the sign
         tma.store_wait(0)  # this warpgroup's previous tile has left shared memory
         dz_smem.store(dz.to(dz_smem.dtype))
         fence_async_shared()
@@ -145,7 +154,8 @@ def _cce_dlogits_ws_kernel(
     N, D, seq_len, vocab_start, chunk_begin, chunk_len, num_splits, tiles_per_split,
     stride_yb, stride_yt, logit_scale, softcap, uniform_weight,
     HAS_SCALE: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_GLSE: gl.constexpr,
-    STOCHASTIC: gl.constexpr, DITHER: gl.constexpr, STAGES: gl.constexpr,
+    STOCHASTIC: gl.constexpr, DITHER_N: gl.constexpr, DITHER_V: gl.constexpr,
+    STAGES: gl.constexpr,
     GROUP: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):  # fmt: skip
     block_n: gl.constexpr = e_desc.block_type.shape[0]
@@ -163,8 +173,10 @@ def _cce_dlogits_ws_kernel(
            stride_yb, stride_yt, logit_scale, softcap, uniform_weight)  # fmt: skip
     gl.warp_specialize(
         [
-            (_dlogits_consumer, (ops, _WG0, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE, STOCHASTIC, DITHER)),
-            (_dlogits_consumer, (ops, _WG1, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE, STOCHASTIC, DITHER)),
+            (_dlogits_consumer,
+             (ops, _WG0, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE, STOCHASTIC, DITHER_N, DITHER_V)),
+            (_dlogits_consumer,
+             (ops, _WG1, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE, STOCHASTIC, DITHER_N, DITHER_V)),
             (
                 _producer,
                 (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,
@@ -205,7 +217,8 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, v
     scalars = tuple(float(x) for x in scalars)
     flags = dict(
         HAS_SCALE=logit_scale != 1.0, HAS_SOFTCAP=softcap is not None, HAS_GLSE=g_lse is not None,
-        STOCHASTIC=stochastic_dz(c.dtype), DITHER=DZ_DITHER, STAGES=cfg.stages,
+        STOCHASTIC=stochastic_dz(c.dtype), DITHER_N=DZ_DITHER_N, DITHER_V=DZ_DITHER_V,
+        STAGES=cfg.stages,
         GROUP=GROUP, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=4, maxnreg=168,
     )  # fmt: skip

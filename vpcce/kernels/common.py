@@ -154,16 +154,18 @@ def hopper_backward_blocks() -> Blocks | None:
     return None if interpreting() else HOPPER_BACKWARD_BLOCKS
 
 
-# bf16 dz, rounded stochastically with a per-column dither, deterministic (docs/perf.md round
-# 19): round-to-nearest of a near-uniform softmax rounds a token's ~V equal probabilities the
-# same way, and their errors add up along C's mean row in dE (H200, Llama 3 head at 12 nats: dE
-# 1.79e-3 against the materialized baseline's 1.72e-3 and a floor of 1.66e-3). The column of
-# global vocabulary id v (so a shard's entries are those of the whole vocabulary) adds the top
-# 16 bits of v * DZ_DITHER (a Weyl sequence: equidistributed over consecutive columns) to dz's
-# fp32 bits and drops the low 16 bits, so dz rounds up with the probability of its fraction.
-# fp16 dz rounds to nearest (its bits do not truncate to it).
+# bf16 dz, rounded stochastically with a dither, deterministic (docs/perf.md round 19):
+# round-to-nearest of a near-uniform softmax rounds a token's ~V equal probabilities the same way,
+# and their errors add up along C's mean row in dE (H200, Llama 3 head at 12 nats: dE 1.79e-3
+# against the materialized baseline's 1.72e-3 and a floor of 1.66e-3). Entry (token n, global
+# vocabulary id v) adds the top 16 bits of n * DZ_DITHER_N + v * DZ_DITHER_V (mod 2^32: a 2-D Weyl
+# lattice, equidistributed along each token's row, for dE, and along each column, for dC) to
+# dz's fp32 bits and drops the low 16 bits, so dz rounds up with the probability of its
+# fraction; NaN is kept as it is (its bits would carry into the sign). A shard's entries are
+# those of the whole vocabulary. fp16 dz rounds to nearest (its bits do not truncate to it).
 STOCHASTIC_DZ = True
-DZ_DITHER = 0x9E3779B9  # 2^32 / golden ratio
+DZ_DITHER_V = 0xC13FA9A9  # 2^32 / g and 2^32 / g^2, g = 1.3247... (the plastic number: R2)
+DZ_DITHER_N = 0x91E10DA5
 
 
 def stochastic_dz(dtype: torch.dtype) -> bool:
