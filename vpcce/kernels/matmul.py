@@ -105,18 +105,24 @@ def _grad_matmul_kernel(
 
     out_rows = row_offsets(m, out_seq, stride_out_b, stride_out_t)
     out_ptrs = out_ptr + out_rows[:, None] + n[None, :] * stride_on
-    mask = m_mask[:, None] & n_mask[None, :]
+    lo_ptrs = lo_ptr + m.to(tl.int64)[:, None] * N + n[None, :]  # (read by HI_LO only)
+    epilogue(out_ptrs, lo_ptrs, acc, m_mask[:, None] & n_mask[None, :], MODE)
+
+
+@triton.jit
+def epilogue(out_ptrs, lo_ptrs, acc, mask, MODE: tl.constexpr):
+    """Write the fp32 ``acc`` by ``MODE`` (module docstring): `STORE`, `ADD` (``out += acc``) or
+    `HI_LO` (the 16-bit pair ``out + lo`` takes ``acc``)."""
     if MODE == 1:  # ADD
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
     if MODE == 2:  # HI_LO
-        lo_ptrs = lo_ptr + m.to(tl.int64)[:, None] * N + n[None, :]
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         acc += tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
-        hi = acc.to(out_ptr.dtype.element_ty)
-        tl.store(lo_ptrs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=mask)
+        hi = acc.to(out_ptrs.dtype.element_ty)
+        tl.store(lo_ptrs, (acc - hi.to(tl.float32)).to(lo_ptrs.dtype.element_ty), mask=mask)
         tl.store(out_ptrs, hi, mask=mask)
     else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 def _hopper_sparse(a, b3, out3, mode, skip, skip_tile):

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from vpcce.kernels.common import row_offsets
+from vpcce.kernels.matmul import ADD, HI_LO, epilogue
 
 
 def target_dz(
@@ -71,7 +72,7 @@ def _add_rows_kernel(
     stride_od,
     stride_cv,
     stride_cd,
-    HI_LO: tl.constexpr,
+    MODE: tl.constexpr,  # `vpcce.kernels.matmul`'s ADD or HI_LO
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -84,15 +85,8 @@ def _add_rows_kernel(
     c = tl.load(c_ptr + rows[:, None] * stride_cv + d[None, :] * stride_cd, mask=mask, other=0.0)
     out_rows = row_offsets(m, seq_len, stride_ob, stride_ot)
     out_ptrs = out_ptr + out_rows[:, None] + d[None, :] * stride_od
-    acc = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32) + w[:, None] * c.to(tl.float32)
-    if HI_LO:  # as `vpcce.kernels.matmul`'s HI_LO epilogue
-        lo_ptrs = lo_ptr + m.to(tl.int64)[:, None] * D + d[None, :]
-        acc += tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
-        hi = acc.to(out_ptr.dtype.element_ty)
-        tl.store(lo_ptrs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptrs, hi, mask=mask)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    lo_ptrs = lo_ptr + m.to(tl.int64)[:, None] * D + d[None, :]  # (read by HI_LO only)
+    epilogue(out_ptrs, lo_ptrs, w[:, None] * c.to(tl.float32), mask, MODE)
 
 
 def add_rows(
@@ -111,6 +105,6 @@ def add_rows(
     block_m, block_d = 32, min(256, triton.next_power_of_2(d))
     _add_rows_kernel[(triton.cdiv(b * t, block_m), triton.cdiv(d, block_d))](
         out3, lo if lo is not None else out3, weights, rows, c, b * t, d, t, out3.stride(0),
-        out3.stride(1), out3.stride(2), c.stride(0), c.stride(1), HI_LO=lo is not None,
+        out3.stride(1), out3.stride(2), c.stride(0), c.stride(1), MODE=ADD if lo is None else HI_LO,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
