@@ -58,21 +58,34 @@ class LossConfig:
 
 
 def uses_tile_summaries(
-    impl: str, mode: BackwardMode, dtype: torch.dtype, has_bias: bool, num_tokens: int, vocab: int
-) -> bool:
-    """Whether the forward keeps tile bounds for the backward to skip tiles unseen.
+    impl: str,
+    mode: BackwardMode,
+    dtype: torch.dtype,
+    has_bias: bool,
+    num_tokens: int,
+    vocab: int,
+    softcap: float | None = None,
+) -> str | None:
+    """Which per-tile summary the forward keeps for the backward to skip tiles unseen: ``"max"``
+    (each token's largest logit per vocabulary tile, for a float ``filter_eps``), ``"lse"`` (its
+    log-sum-exp, for the tail of ``filter_eps="auto"``, `vpcce.kernels.tail`), or None.
 
-    The Triton kernels keep them when a skipping rule applies to both gradients, there is no bias
+    The Triton kernels keep one when a skipping rule applies to both gradients, there is no bias
     (its gradient sums every tile's dz, skipped or not) and their forward and backward tiles agree
-    (`vpcce.kernels.tile_summary`); the reference never skips.
+    (`vpcce.kernels.tile_summary`); the tail also needs no softcap (its dz is not linear in the
+    softmax); the reference never skips.
     """
     if impl != "triton" or has_bias or not (mode.filter_e_grad and mode.filter_c_grad):
-        return False
-    if mode.filter_eps is None:
-        return False
+        return None
+    if mode.filter_eps is not None:
+        kind = "max"
+    elif mode.tail_share is not None and softcap is None:
+        kind = "lse"
+    else:
+        return None
     from vpcce.kernels import tile_summary
 
-    return tile_summary.supported(dtype, num_tokens, vocab)
+    return kind if tile_summary.supported(dtype, num_tokens, vocab) else None
 
 
 def _distributed(cfg: LossConfig) -> bool:
@@ -110,11 +123,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         y = layout.flat_targets()
         valid = y != cfg.ignore_index
         # 2. partials over this shard of the vocabulary (and, to skip tiles in backward, each
-        # token's largest logit per vocabulary tile)
-        summaries = uses_tile_summaries(
-            cfg.impl, cfg.mode, c.dtype, bias is not None, layout.num_tokens, c.shape[0]
-        )
-        tile_max = cfg.backend.tile_max_buffer(layout.num_tokens, c) if summaries else None
+        # token's largest logit or log-sum-exp per vocabulary tile)
+        kind = uses_tile_summaries(
+            cfg.impl, cfg.mode, c.dtype, bias is not None, layout.num_tokens, c.shape[0],
+            cfg.softcap,
+        )  # fmt: skip
+        summary = {}
+        if kind == "max":
+            summary["tile_max"] = cfg.backend.tile_max_buffer(layout.num_tokens, c)
+        elif kind == "lse":
+            summary["tile_lse"] = cfg.backend.tile_lse_buffer(layout.num_tokens, c)
         parts = cfg.backend.forward_partials(
             layout,
             c,
@@ -125,7 +143,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             stats=cfg.stats,
             sum_z=cfg.label_smoothing != 0,
             **cfg.extra(),
-            **({} if tile_max is None else {"tile_max": tile_max}),
+            **summary,
         )
         # 3. the one forward collective: merge all shards' partials in rank order
         if _distributed(cfg):
@@ -136,9 +154,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             entropy, argmax = torch.zeros_like(entropy), torch.full_like(argmax, -1)
         nll = torch.where(valid, nll, torch.zeros_like(nll))
         count = valid.sum()
-        # the tile maxima against the global LSE: a bound per backward tile (tile_max is freed)
-        bounds = None if tile_max is None else cfg.backend.tile_bounds(tile_max, lse, c.dtype)
-        del tile_max
+        # the summary against the global LSE (then freed): a bound per backward tile, or the
+        # tail's tiles and each token's mass in them
+        bounds = tail_skip = tail_mass = None
+        if kind == "max":
+            bounds = cfg.backend.tile_bounds(summary.pop("tile_max"), lse, c.dtype)
+        elif kind == "lse":
+            tail_skip, tail_mass = cfg.backend.tail_plan(
+                summary.pop("tile_lse"), lse, y, vocab_start=cfg.vocab_start, vocab=c.shape[0],
+                vocab_size=cfg.vocab_size, share=cfg.mode.tail_share, dtype=c.dtype,
+            )  # fmt: skip
         # 5. reduction (an all-ignored batch: 0 / max(0, 1) = 0, never NaN)
         if cfg.reduction == "mean":
             loss = nll.sum() / count.clamp(min=1)
@@ -150,7 +175,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.cfg = cfg
         # the target logit: the backward's target column of dz (`vpcce.kernels.target_dz`)
         z_target = parts[:, ZTARGET].contiguous()
-        ctx.save_for_backward(e, c, bias, targets, lse, z_target, valid, count, bounds)
+        ctx.save_for_backward(
+            e, c, bias, targets, lse, z_target, valid, count, bounds, tail_skip, tail_mass
+        )
         ctx.mark_non_differentiable(entropy, argmax)
         ctx.set_materialize_grads(False)
         shape = layout.out_shape
@@ -159,7 +186,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax):
-        e, c, bias, targets, lse, z_target, valid, count, bounds = ctx.saved_tensors
+        e, c, bias, targets, lse, z_target, valid, count, bounds, *tail = ctx.saved_tensors
         cfg: LossConfig = ctx.cfg
         need_e, need_c, need_bias = ctx.needs_input_grad[:3]
         if grad_loss is None and grad_lse is None:
@@ -207,6 +234,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_e_ready=grad_e_ready if reduce else None,
             **cfg.extra(),
             **({} if bounds is None else {"tile_bounds": bounds}),
+            **({} if tail[0] is None else {"tail": tuple(tail)}),
         )
         grad_e = pending[0].wait() if reduce else grad_e_all
         return (

@@ -135,7 +135,8 @@ def _forward_op(
     cfg = _config(e, c, targets, bias, a, validate, stats=stats_used)
     ctx = _Context(cfg)
     loss, lse, entropy, argmax = _LinearCrossEntropy.forward(ctx, e, c, bias, targets, cfg)
-    *_, z_target, valid, count, bounds = ctx.saved_tensors
+    # (the tail's two tensors are None here: the op's mode has no tail, `_forward_op`)
+    z_target, valid, count, bounds = ctx.saved_tensors[5:9]
     return loss, lse, entropy, argmax, z_target, valid, count, _bounds_out(bounds, e)
 
 
@@ -243,7 +244,10 @@ def _backward_op(
     # the forward checked the targets; its stats_used too, so the layout check finds the
     # forward's entry (the option fingerprint includes it)
     cfg = _config(e, c, targets, bias, a, validate=False, stats=stats_used)
-    saved = (e, c, bias, targets, lse.reshape(-1), z_target, valid, count, _bounds_in(bounds))
+    saved = (
+        e, c, bias, targets, lse.reshape(-1), z_target, valid, count, _bounds_in(bounds), None,
+        None,
+    )  # fmt: skip
     ctx = _Context(cfg, saved, (need_e, need_c, need_bias and bias is not None))
     grad_e, grad_c, grad_bias, _, _ = _LinearCrossEntropy.backward(
         ctx, grad_loss, grad_lse, None, None

@@ -48,6 +48,7 @@ from vpcce.kernels.common import (
     upcast_tiles,
 )
 from vpcce.kernels.matmul import STORE, grad_matmul
+from vpcce.kernels.tail import class_rows, hidden_weights, mean_row
 from vpcce.layout import TokenLayout
 from vpcce.modes import BackwardMode
 
@@ -236,6 +237,9 @@ SPARSE_C_MAX = 0.1
 # ~5 ms of it in these GEMMs against cuBLAS (docs/perf.md rounds 16, 16b).
 HOPPER_SPARSE_E_MAX = 1.0
 HOPPER_SPARSE_C_MAX = 1.0
+# The tail (`vpcce.kernels.tail`) takes the planned Triton dlogits kernel instead of the Hopper
+# one; below this fraction of skipped tiles the exact backward is the faster.
+MIN_TAIL_SKIPPED = 0.5
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,7 @@ def backward(
     z_target: torch.Tensor,
     grad_e_ready: Callable[[], None] | None = None,
     tile_bounds: torch.Tensor | None = None,
+    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Write ``dL/de`` into ``grad_e3`` ``[B, T', D]``; return ``(grad_c, grad_bias)`` of the shard.
 
@@ -362,6 +367,11 @@ def backward(
 
     ``tile_bounds`` (`vpcce.kernels.tile_summary.tile_bounds` of the forward) lets ``filter_eps``
     skip tiles without recomputing them (`vpcce.kernels.skip_plan`).
+
+    ``tail`` (`vpcce.kernels.tail.plan` of the forward: the tail's tiles and each token's mass in
+    them) skips those tiles and adds their first-order contribution to dE, when they are at
+    least `MIN_TAIL_SKIPPED` of the tiles (one host read; not during CUDA graph capture): else
+    the backward is exact.
     """
     n, (v, d) = layout.num_tokens, c.shape
     # the kernel indexes the per-token vectors densely: an LSE gradient can be a stride-0
@@ -400,6 +410,23 @@ def backward(
     )
     widest = max(ch.rows for ch in acc_e.chunks)
     token_blocks = triton.cdiv(n, cfg.n)
+    tail_plan, tail_weights, tail_e2 = None, None, plain_matrix(layout.e3)
+    if tail is not None and mode.filter_eps is None and bias is None and softcap is None:
+        skip_t, mass = tail
+        # the one host read: a tail too thin to pay for the planned kernels stays exact
+        if (
+            tail_e2 is not None
+            and _may_sync(c.device)
+            and skip_t.float().mean().item() >= MIN_TAIL_SKIPPED
+        ):
+            tail_plan = skip_t
+            tail_weights = hidden_weights(
+                mass, skip_t, g_nll, g_lse, vocab=v, block_n=cfg.n, block_v=cfg.v,
+                uniform_weight=uniform_weight, logit_scale=logit_scale,
+            )  # fmt: skip
+            tail_rows = class_rows(
+                tail_weights, skip_t, tail_e2, vocab=v, block_n=cfg.n, block_v=cfg.v
+            ).to(c.dtype)  # [vocab tiles, D]: 16 bits, kept while the chunks run
     # whole tiles wide (at most the chunk): a 16-byte row stride TMA can store to
     buffer_cols = triton.cdiv(acc_e.dz_columns, cfg.v) * cfg.v
     dz_buffer = torch.empty((n, buffer_cols), dtype=c.dtype, device=c.device)
@@ -418,6 +445,8 @@ def backward(
             uniform_weight=uniform_weight,
             filter_eps=mode.filter_eps,
         )
+    if tail_weights is not None:
+        plan = tail_plan
     flagged = filtering or plan is not None  # the dlogits kernel writes per-tile skip flags
     skip = (
         torch.empty((token_blocks, triton.cdiv(widest, cfg.v)), dtype=torch.int8, device=c.device)
@@ -536,6 +565,11 @@ def backward(
                 skip_tile=(cfg.v, cfg.n),
                 **gemm,
             )
+        if tail_weights is not None:  # each skipped tile's first-order share (`vpcce.kernels.tail`)
+            rows, t0, whole = grad_c[v0 : v0 + cl], v0 // cfg.v, cl // cfg.v
+            rows[: whole * cfg.v].view(whole, cfg.v, d).add_(tail_rows[t0 : t0 + whole, None])
+            if cl > whole * cfg.v:  # the shard's last, partial tile
+                rows[whole * cfg.v :].add_(tail_rows[t0 + whole])
 
     limits = sparse_limits(e2, c, grad_c, acc_e)
     chunks = acc_e.chunks
@@ -557,6 +591,8 @@ def backward(
             # (16-bit dz only; not where the filter may drop a target's tile from dE)
             if c.element_size() < 4 and not (mode.filter_eps and mode.filter_e_grad):
                 acc_e.add_rows(residual, torch.where(owned, y_local, 0), c)
+            if tail_weights is not None:  # the skipped tail, to first order (`vpcce.kernels.tail`)
+                acc_e.add_rows(tail_weights, torch.zeros_like(y_local), mean_row(c))
             acc_e.finish(grad_e3)
             if grad_e_ready is not None:
                 grad_e_ready()

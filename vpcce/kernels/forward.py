@@ -44,7 +44,8 @@ def _cce_fwd_kernel(
     y_ptr,  # [B, T'] int targets, global ids (strided view)
     part_ptr,  # [S, N, 6] fp32, out: partials per split
     part_int_ptr,  # the same memory as int32, out: the ARGMAX column's bits
-    tile_max_ptr,  # [vocab tiles, N] bf16, out: each token's max logit per tile (SUMMARY only)
+    summary_ptr,  # [vocab tiles, N] out (SUMMARY only): each token's max logit per tile (bf16),
+    # or with SUMMARY_LSE its log-sum-exp over the tile (fp32)
     # shapes
     N,
     V,
@@ -80,6 +81,7 @@ def _cce_fwd_kernel(
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     SUMMARY: tl.constexpr,
+    SUMMARY_LSE: tl.constexpr,
     STATS: tl.constexpr,
     SUM_Z: tl.constexpr,
 ):
@@ -137,10 +139,10 @@ def _cce_fwd_kernel(
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
-        if SUMMARY:  # the backward bounds each tile's softmax from it (`tile_summary`)
+        if SUMMARY and not SUMMARY_LSE:  # the backward bounds each tile's softmax from it
             tl.store(
-                tile_max_ptr + t * stride_tmt + n,  # a tile's tokens: one row (int32 offsets)
-                tile_max.to(tile_max_ptr.dtype.element_ty),
+                summary_ptr + t * stride_tmt + n,  # a tile's tokens: one row (int32 offsets)
+                tile_max.to(summary_ptr.dtype.element_ty),
                 mask=n_mask,
             )
         if STATS:
@@ -159,7 +161,10 @@ def _cce_fwd_kernel(
         s = s * alpha
         zs = tl.where(v_mask[None, :], z - m_ref[:, None], 0.0)
         p = tl.where(v_mask[None, :], tl.exp(zs), 0.0)
-        s += tl.sum(p, axis=1)
+        s_tile = tl.sum(p, axis=1)
+        s += s_tile
+        if SUMMARY and SUMMARY_LSE:  # the tile's softmax mass, once the global LSE is known
+            tl.store(summary_ptr + t * stride_tmt + n, m_ref + tl.log(s_tile), mask=n_mask)
         if STATS:
             x += tl.sum(tl.where(p > 0, p * zs, 0.0), axis=1)  # p = 0 at z = -inf: not 0 * -inf
         if SUM_Z:
@@ -213,6 +218,7 @@ def forward_partials(
     num_splits: int | None = None,
     chunk_bytes: int | None = None,
     tile_max: torch.Tensor | None = None,
+    tile_lse: torch.Tensor | None = None,
     stats: bool = True,
     sum_z: bool = True,
 ) -> torch.Tensor:
@@ -224,13 +230,16 @@ def forward_partials(
     tile epilogue's instructions (round 17, docs/perf.md).
 
     ``tile_max`` (from `vpcce.kernels.tile_summary.tile_max_buffer`), if given, receives each
-    token's largest logit of every vocabulary tile.
+    token's largest logit of every vocabulary tile; or ``tile_lse`` (`tile_lse_buffer`), the
+    log-sum-exp of every tile's logits.
 
     ``num_splits`` (default: enough programs to fill the GPU) only changes the work split, not the
     result beyond fp32 rounding of the merge. ``chunk_bytes`` is accepted for parity with the
     reference: the fused forward holds no chunk.
     """
     del chunk_bytes
+    assert tile_max is None or tile_lse is None, "one tile summary per forward"
+    summary = tile_max if tile_max is not None else tile_lse
     e3, y2 = layout.e3, layout.y2
     n, (v, d) = layout.num_tokens, c.shape
     e2 = plain_matrix(e3)  # None when the tokens are not one [N, D] matrix view
@@ -243,7 +252,7 @@ def forward_partials(
         splits = max(1, min(splits, vocab_tiles))
         parts = torch.empty(splits, n, NUM_STATS, dtype=torch.float32, device=c.device)
         module.launch(
-            e2, c, bias, y2, parts, tile_max, cfg,
+            e2, c, bias, y2, parts, summary, cfg,
             seq_len=layout.seq_len, vocab_start=vocab_start,
             tiles_per_split=triton.cdiv(vocab_tiles, splits),
             logit_scale=logit_scale, softcap=softcap, stats=stats, sum_z=sum_z,
@@ -268,7 +277,7 @@ def forward_partials(
         y2,
         parts,
         parts.view(torch.int32),
-        tile_max if tile_max is not None else parts,
+        summary if summary is not None else parts,
         n,
         v,
         d,
@@ -284,7 +293,7 @@ def forward_partials(
         y2.stride(0),
         y2.stride(1),
         parts.stride(0),
-        tile_max.stride(0) if tile_max is not None else 0,
+        summary.stride(0) if summary is not None else 0,
         float(logit_scale),
         float(softcap or 1.0),
         HAS_BIAS=bias is not None,
@@ -300,7 +309,8 @@ def forward_partials(
         TMA=tma,
         FLATTEN=cfg.flatten,
         WARP_SPECIALIZE=cfg.warp_specialize,
-        SUMMARY=tile_max is not None,
+        SUMMARY=summary is not None,
+        SUMMARY_LSE=tile_lse is not None,
         STATS=stats,
         SUM_Z=sum_z,
         num_warps=cfg.warps,

@@ -184,8 +184,8 @@ def _chain(e_bufs, c_bufs, i, col0, after, WG: gl.constexpr, rows: gl.constexpr,
 
 @gluon.jit
 def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCALE: gl.constexpr,
-              HAS_SOFTCAP: gl.constexpr, SUMMARY: gl.constexpr, STATS: gl.constexpr,
-              SUM_Z: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+              HAS_SOFTCAP: gl.constexpr, SUMMARY: gl.constexpr, SUMMARY_LSE: gl.constexpr,
+              STATS: gl.constexpr, SUM_Z: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
     """Consumer warpgroup ``WG``: rows ``n0 + 64 WG ...`` of the program's tiles; ``ops`` are the
     kernel's buffers, barriers, pointers and scalars (a tuple: one list for both warpgroups)."""
     (e_bufs, c_bufs, ready, empty, bias_ptr, part_ptr, part_int_ptr, tile_max_ptr, N, V,
@@ -239,7 +239,7 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCALE: gl.const
             z_lo = gl.where((cols < V - v_lo)[None, :], z_lo, float("-inf"))
             z_hi = gl.where((cols < V - v_hi)[None, :], z_hi, float("-inf"))
         tile_max = gl.maximum(gl.max(z_lo, axis=1), gl.max(z_hi, axis=1))
-        if SUMMARY:
+        if SUMMARY and not SUMMARY_LSE:
             gl.store(
                 tile_max_ptr + t * stride_tmt + n,
                 tile_max.to(tile_max_ptr.dtype.element_ty),
@@ -263,6 +263,8 @@ def _consumer(ops, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_SCALE: gl.const
         s_tile, x_tile = _add_half(z_lo, m_ref, s_tile, x_tile, STATS)
         s_tile, x_tile = _add_half(z_hi, m_ref, s_tile, x_tile, STATS)
         s_sum += s_tile
+        if SUMMARY and SUMMARY_LSE:  # the tile's log-sum-exp (`vpcce.kernels.forward`)
+            gl.store(tile_max_ptr + t * stride_tmt + n, m_ref + gl.log(s_tile), mask=n_mask)
         if STATS:
             x += x_tile * 0.6931471805599453  # back to natural log units
         m = m_new
@@ -334,6 +336,7 @@ def _cce_fwd_ws_kernel(
     HAS_SCALE: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr,
     SUMMARY: gl.constexpr,
+    SUMMARY_LSE: gl.constexpr,
     STATS: gl.constexpr,
     SUM_Z: gl.constexpr,
     STAGES: gl.constexpr,
@@ -358,10 +361,10 @@ def _cce_fwd_ws_kernel(
            logit_scale, softcap)  # fmt: skip
     gl.warp_specialize(
         [
-            (_consumer, (ops, _WG0, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, SUMMARY, STATS, SUM_Z,
-                         SPLIT)),
-            (_consumer, (ops, _WG1, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, SUMMARY, STATS, SUM_Z,
-                         SPLIT)),
+            (_consumer, (ops, _WG0, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, SUMMARY, SUMMARY_LSE,
+                         STATS, SUM_Z, SPLIT)),
+            (_consumer, (ops, _WG1, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, SUMMARY, SUMMARY_LSE,
+                         STATS, SUM_Z, SPLIT)),
             (
                 _producer,
                 (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,
@@ -476,6 +479,8 @@ def launch(
         HAS_SCALE=logit_scale != 1.0,
         HAS_SOFTCAP=softcap is not None,
         SUMMARY=tile_max is not None,
+        # an fp32 summary holds each tile's log-sum-exp, a 16-bit one its max logit
+        SUMMARY_LSE=tile_max is not None and tile_max.dtype == torch.float32,
         STATS=stats,
         SUM_Z=sum_z,
         STAGES=cfg.stages,

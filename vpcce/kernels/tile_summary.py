@@ -41,6 +41,13 @@ def tile_max_buffer(num_tokens: int, c: torch.Tensor) -> torch.Tensor:
     return torch.empty((tiles, num_tokens), dtype=SUMMARY_DTYPE, device=c.device)
 
 
+def tile_lse_buffer(num_tokens: int, c: torch.Tensor) -> torch.Tensor:
+    """The forward's ``[vocab tiles, N]`` fp32 per-tile log-sum-exp for shard ``c`` (when
+    `supported`; `vpcce.kernels.tail`): 4 bytes per token and tile, transient."""
+    tiles = triton.cdiv(c.shape[0], blocks(c.dtype).v)
+    return torch.empty((tiles, num_tokens), dtype=torch.float32, device=c.device)
+
+
 def bounds_shape(num_tokens: int, vocab: int, dtype: torch.dtype) -> tuple[int, int]:
     """Shape of `tile_bounds`'s result: ``(token blocks, vocabulary tiles)`` of the backward."""
     cfg = blocks(dtype)
@@ -49,7 +56,7 @@ def bounds_shape(num_tokens: int, vocab: int, dtype: torch.dtype) -> tuple[int, 
 
 @triton.jit
 def _tile_bounds_kernel(
-    tile_max_ptr,  # [T, N] bf16
+    tile_max_ptr,  # [T, N] bf16 tile maxima, or fp32 tile log-sum-exps
     lse_ptr,  # [N] fp32
     out_ptr,  # [cdiv(N, BLOCK_N), T] fp32
     N,
@@ -79,7 +86,10 @@ def _tile_bounds_kernel(
 
 def tile_bounds(tile_max: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[token blocks, vocab tiles]`` fp32 log upper bounds of the softmax of each backward tile
-    (``dtype``: the inputs' dtype, which picks the backward's tiles)."""
+    (``dtype``: the inputs' dtype, which picks the backward's tiles).
+
+    Given the fp32 per-tile log-sum-exp (`tile_lse_buffer`) instead of the maxima, the same
+    reduction gives the log of each tile's largest softmax mass over its block's tokens."""
     tiles, n = tile_max.shape
     block_n = blocks(dtype).n
     out = torch.empty((triton.cdiv(n, block_n), tiles), dtype=torch.float32, device=lse.device)
@@ -87,7 +97,8 @@ def tile_bounds(tile_max: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -
         return out
     block_t = 64
     _tile_bounds_kernel[(out.shape[0], triton.cdiv(tiles, block_t))](
-        tile_max, lse, out, n, tiles, tile_max.stride(0), out.stride(0), _ROUNDING_MARGIN,
+        tile_max, lse, out, n, tiles, tile_max.stride(0), out.stride(0),
+        _ROUNDING_MARGIN if tile_max.element_size() < 4 else 0.0,
         BLOCK_N=block_n, BLOCK_T=block_t,
     )
     return out

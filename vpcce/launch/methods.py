@@ -146,6 +146,21 @@ def _vpcce_filtered(s: Setting) -> LossFn:
     return loss
 
 
+@_register(
+    "vpcce_tail",
+    "vpcce's opt-in tail mode: filter_eps='tail', the softmax tail skipped, first-order corrected",
+)
+def _vpcce_tail(s: Setting) -> LossFn:
+    impl, opts = s.vpcce_impl, _vpcce_options(s)
+
+    def loss(e, c, y):
+        return linear_cross_entropy(
+            e, c, y, impl=impl, filter_eps="tail", vocab_parallel_options=opts
+        )
+
+    return loss
+
+
 @_register("eager", "eager baseline F.cross_entropy((e @ c.T).float(), y)")
 def _eager(s: Setting) -> LossFn:
     _not_vocab_parallel(s, "the eager baseline")
