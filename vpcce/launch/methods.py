@@ -131,19 +131,23 @@ def _vpcce_default(s: Setting) -> LossFn:
     return loss
 
 
+def _vpcce_with(s: Setting, filter_eps) -> LossFn:
+    impl, opts = s.vpcce_impl, _vpcce_options(s)
+
+    def loss(e, c, y):
+        return linear_cross_entropy(
+            e, c, y, impl=impl, filter_eps=filter_eps, vocab_parallel_options=opts
+        )
+
+    return loss
+
+
 @_register(
     "vpcce_filtered",
     "vpcce's opt-in fast mode: apple's tile filter filter_eps=2**-12, tiles dropped unseen",
 )
 def _vpcce_filtered(s: Setting) -> LossFn:
-    impl, opts = s.vpcce_impl, _vpcce_options(s)
-
-    def loss(e, c, y):
-        return linear_cross_entropy(
-            e, c, y, impl=impl, filter_eps=2.0**-12, vocab_parallel_options=opts
-        )
-
-    return loss
+    return _vpcce_with(s, 2.0**-12)
 
 
 @_register(
@@ -151,14 +155,7 @@ def _vpcce_filtered(s: Setting) -> LossFn:
     "vpcce's opt-in tail mode: filter_eps='tail', the softmax tail skipped, first-order corrected",
 )
 def _vpcce_tail(s: Setting) -> LossFn:
-    impl, opts = s.vpcce_impl, _vpcce_options(s)
-
-    def loss(e, c, y):
-        return linear_cross_entropy(
-            e, c, y, impl=impl, filter_eps="tail", vocab_parallel_options=opts
-        )
-
-    return loss
+    return _vpcce_with(s, "tail")
 
 
 @_register("eager", "eager baseline F.cross_entropy((e @ c.T).float(), y)")
