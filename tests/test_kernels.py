@@ -1073,7 +1073,7 @@ def test_apple_aliases_equal_triton(dtype):
         z_loss=Z_LOSS, chunk_bytes=_chunk_bytes_for(y[..., 1:].numel(), dtype), **FILTER_OPTS
     )
     exact = run("triton", e, c, y, b, **opts)
-    assert_bitwise(run("cce", e, c, y, b, **opts), exact)  # filter_eps="auto" is exact for now
+    assert_bitwise(run("cce", e, c, y, b, **opts), exact)  # with a bias, "auto" is exact (no tail)
     assert_bitwise(
         run("cce_exact", e, c, y, b, filter_eps=0.5, **opts), exact
     )  # ignores the filter

@@ -16,7 +16,7 @@ from torch import nn
 
 from vpcce import ops
 from vpcce.function import LossConfig, _LinearCrossEntropy
-from vpcce.modes import BackwardMode, resolve_filter_eps, resolve_impl, tail_share
+from vpcce.modes import BackwardMode, resolve_filter_eps, resolve_impl, tail_options
 from vpcce.parallel import collectives
 from vpcce.parallel.options import VocabParallelOptions
 from vpcce.validation import check_inputs, check_target_range
@@ -75,10 +75,11 @@ def linear_cross_entropy(
         reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"`` (``(..., T - shift)``).
         shift: pair ``e[..., :-shift, :]`` with ``targets[..., shift:]`` (views, no copy).
         return_lse: also return the per-token fp32 log-sum-exp (differentiable, e.g. for z-loss).
-        filter_eps: ``"auto"`` (keeps the materialized baseline's accuracy; currently exact),
-            ``None`` (exact), ``"tail"`` (opt-in: the Triton backward skips the softmax tail's
-            tiles and adds their first-order contribution, `vpcce.modes.BackwardMode.tail_share`;
-            exact under torch.compile) or a float: skip gradient tiles whose every
+        filter_eps: ``"auto"`` (keeps the materialized baseline's accuracy: the Triton backward
+            skips the softmax tail's tiles and adds their first-order contribution where a
+            sample of tokens shows that beating the baseline, else exact;
+            `vpcce.modes.BackwardMode.tail_share`; exact under torch.compile), ``"tail"`` (the
+            same, unchecked), ``None`` (exact) or a float: skip gradient tiles whose every
             ``|softmax - smoothed one-hot|`` is below it.
         accum_e_fp32, accum_c_fp32: accumulate that gradient in an fp32 buffer (more memory).
         filter_e_grad, filter_c_grad: whether ``filter_eps`` may skip work for that gradient.
@@ -162,7 +163,7 @@ def loss_config(
     )
     mode = BackwardMode(
         resolve_filter_eps(filter_eps), bool(filter_e_grad), bool(filter_c_grad),
-        bool(accum_e_fp32), bool(accum_c_fp32), tail_share(filter_eps),
+        bool(accum_e_fp32), bool(accum_c_fp32), **tail_options(filter_eps),
     )
     backend, mode = resolve_impl(impl, e.device, mode, e.dtype)
     if backend == "triton" and e.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -37,11 +37,13 @@ class BackwardMode:
     ``|softmax - smoothed one-hot|`` is below it (``filter_e_grad`` / ``filter_c_grad`` choose which
     gradient GEMMs may skip). ``accum_*_fp32`` accumulate that gradient in an fp32 buffer.
 
-    ``tail_share`` (``filter_eps="tail"``; exclusive with a float ``filter_eps``): the backward
-    skips the ``[BLOCK_N, BLOCK_V]`` tiles that hold less than ``tail_share`` times their uniform
-    share (``BLOCK_V / vocab``) of every one of their tokens' softmax mass, and adds what they
-    would have given the hidden gradient to first order: each token's skipped mass (from the
-    forward's per-tile log-sum-exp) times the mean classifier row (`vpcce.kernels.tail`).
+    ``tail_share`` (``filter_eps="auto"`` and ``"tail"``; exclusive with a float
+    ``filter_eps``): the backward skips the ``[BLOCK_N, BLOCK_V]`` tiles that hold less than
+    ``tail_share`` times their uniform share (``BLOCK_V / vocab``) of every one of their tokens'
+    softmax mass, and adds what they would have given the gradients to first order: each token's
+    skipped mass (from the forward's per-tile log-sum-exp) times the mean classifier row
+    (`vpcce.kernels.tail`). ``tail_checked`` (``"auto"``): only where a sample of tokens shows
+    the correction's errors well below the materialized baseline's (`tail.beats_baseline`).
     """
 
     filter_eps: float | None = None
@@ -50,18 +52,20 @@ class BackwardMode:
     accum_e_fp32: bool = False
     accum_c_fp32: bool = False
     tail_share: float | None = None
+    tail_checked: bool = True
 
 
-# `BackwardMode.tail_share` of ``filter_eps="tail"``. fp64 study (docs/perf.md, round 20): on
-# LM-like data at 5 and 12 nats no tile is below half its share (the tail mode is exact there),
-# at 1 nat 87% of the Gemma 2 head's tiles are.
+# `BackwardMode.tail_share` of ``filter_eps="auto"`` and ``"tail"``. fp64 study (docs/perf.md,
+# round 20): on LM-like data at 5 and 12 nats no tile is below half its share (exact there), at
+# 1 nat 87% of the Gemma 2 head's tiles are.
 DEFAULT_TAIL_SHARE = 0.5
 
 
-def tail_share(filter_eps) -> float | None:
-    """`BackwardMode.tail_share` for a `linear_cross_entropy` ``filter_eps``: the default share for
-    ``"tail"``, else None."""
-    return DEFAULT_TAIL_SHARE if filter_eps == "tail" else None
+def tail_options(filter_eps) -> dict:
+    """`BackwardMode`'s ``tail_share`` and ``tail_checked`` for a `linear_cross_entropy`
+    ``filter_eps``: the default share, checked for ``"auto"``, unchecked for ``"tail"``."""
+    share = DEFAULT_TAIL_SHARE if filter_eps in ("auto", "tail") else None
+    return {"tail_share": share, "tail_checked": filter_eps != "tail"}
 
 
 def triton_available() -> bool:
@@ -77,9 +81,9 @@ def resolve_filter_eps(filter_eps) -> float | None:
 
     Measured (docs/perf.md, round 10): on LM-like data no sizeable set of tiles is negligible at
     the baseline's accuracy (the long tail adds up coherently: dropping tiles whose entries are all
-    below 1e-5 costs 40-50% hidden-gradient error at 1 nat), so "auto" is exact. ``"tail"`` skips
-    the tail with a first-order correction instead (`tail_share`), opt-in: it is a model, not a
-    bound (round 20).
+    below 1e-5 costs 40-50% hidden-gradient error at 1 nat), so "auto" drops no tile outright: it
+    skips the tail with a first-order correction instead (`tail_share`), where a sample shows it
+    beating the baseline; ``"tail"`` skips it unchecked (round 20).
     """
     if filter_eps in ("auto", "tail") or filter_eps is None:
         return None

@@ -48,7 +48,7 @@ from vpcce.kernels.common import (
     upcast_tiles,
 )
 from vpcce.kernels.matmul import STORE, grad_matmul
-from vpcce.kernels.tail import class_rows, hidden_weights, mean_row
+from vpcce.kernels.tail import beats_baseline, class_rows, hidden_weights, mean_row
 from vpcce.layout import TokenLayout
 from vpcce.modes import BackwardMode
 
@@ -413,11 +413,29 @@ def backward(
     tail_plan, tail_weights, tail_e2 = None, None, plain_matrix(layout.e3)
     if tail is not None and mode.filter_eps is None and bias is None and softcap is None:
         skip_t, mass = tail
-        # the one host read: a tail too thin to pay for the planned kernels stays exact
+        # host reads: a tail too thin to pay for the planned kernels, or (checked) whose
+        # correction loses to the materialized baseline on a sample, stays exact
+        c_mean = None
         if (
             tail_e2 is not None
             and _may_sync(c.device)
             and skip_t.float().mean().item() >= MIN_TAIL_SKIPPED
+        ):
+            c_mean = mean_row(c)
+        if c_mean is not None and (
+            not mode.tail_checked
+            or beats_baseline(
+                tail_e2,
+                c,
+                c_mean,
+                y_local,
+                owned,
+                lse,
+                skip_t,
+                mass,
+                block_n=cfg.n,
+                block_v=cfg.v,
+            )  # fmt: skip
         ):
             tail_plan = skip_t
             tail_weights = hidden_weights(
@@ -592,7 +610,7 @@ def backward(
             if c.element_size() < 4 and not (mode.filter_eps and mode.filter_e_grad):
                 acc_e.add_rows(residual, torch.where(owned, y_local, 0), c)
             if tail_weights is not None:  # the skipped tail, to first order (`vpcce.kernels.tail`)
-                acc_e.add_rows(tail_weights, torch.zeros_like(y_local), mean_row(c))
+                acc_e.add_rows(tail_weights, torch.zeros_like(y_local), c_mean)
             acc_e.finish(grad_e3)
             if grad_e_ready is not None:
                 grad_e_ready()

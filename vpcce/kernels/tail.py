@@ -12,10 +12,10 @@ shared direction too (the tokens' hidden states share one): each row of a skippe
 block's skipped mass spread evenly over the block's skipped columns (`class_rows`).
 
 The correction is a first-order model, not a bound: on small heads it loses to the materialized
-baseline (fp64 study, D 64-512 and V 8k-32k: hidden-gradient error up to 3x the baseline's), so
-it is opt-in (``filter_eps="tail"``). A check of it on a sample of tokens against the baseline
-was tried and dropped (round 20: its classifier-gradient estimate refused every bench data set,
-and it cost 4-8 ms).
+baseline (fp64 study, D 64-512 and V 8k-32k: hidden-gradient error up to 3x the baseline's). So
+``filter_eps="auto"`` first checks it on a sample of tokens (`beats_baseline`): their exact
+gradient rows against the corrected ones and the materialized bf16 baseline's, and skips the tail
+only where the correction's errors are well below the baseline's (``"tail"`` skips unchecked).
 
 So the forward stores each token's log-sum-exp of every vocabulary tile (`tile_summary`), and
 once the global LSE is known `plan` marks the tiles below ``share`` times their uniform share
@@ -34,6 +34,11 @@ import triton.language as tl
 from vpcce.kernels import skip_plan
 from vpcce.kernels.common import blocks
 from vpcce.kernels.tile_summary import tile_bounds
+
+# Tokens of `sample_errors`' sample, and how far below the baseline's error the correction's
+# must stay on it for the backward to skip the tail (`beats_baseline`).
+SAMPLE_TOKENS = 16
+ERROR_FRACTION = 0.5
 
 # torch.mm(..., out_dtype=torch.float32) (16-bit operands into an fp32 output) needs torch 2.8
 _MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
@@ -184,3 +189,100 @@ def _split_mm(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return x @ b
     hi = x.to(b.dtype)
     return _mm32(hi, b) + _mm32((x - hi.float()).to(b.dtype), b)
+
+
+def _sum_estimate(gram: torch.Tensor, gram_e: torch.Tensor, n: int, coherent: bool) -> torch.Tensor:
+    """Estimate of ``||sum over all N tokens of r[n] E[n]^T||^2`` from a sample of S tokens'
+    ``gram = r r^T`` and ``gram_e = E E^T``: the diagonal scaled by N / S, and, for ``coherent``
+    errors, the pairs by N (N - 1) / (S (S - 1)) (unbiased for a random sample). Independent
+    errors (the baseline's roundings) have pairs of mean 0 whose sample sum is noise that the
+    scale would blow up past the diagonal (H200, Llama head: a negative estimate), so they count
+    the diagonal only."""
+    size = gram.shape[0]
+    terms = gram * gram_e
+    diag = terms.diagonal().sum()
+    total = diag * (n / size)
+    if coherent:
+        total = total + (terms.sum() - diag) * (n * (n - 1) / max(size * (size - 1), 1))
+    return total.clamp(min=0)
+
+
+def sample_errors(
+    e2: torch.Tensor,
+    c: torch.Tensor,
+    c_mean: torch.Tensor,
+    y_local: torch.Tensor,
+    owned: torch.Tensor,
+    lse: torch.Tensor,
+    skip: torch.Tensor,
+    mass: torch.Tensor,
+    *,
+    block_n: int,
+    block_v: int,
+    chunk: int = 65536,
+) -> tuple[torch.Tensor, ...] | None:
+    """``(tail dE, baseline dE, tail dC, baseline dC)`` error norms, estimated from `SAMPLE_TOKENS`
+    evenly spread tokens of ``e2`` (None for fp32 inputs, whose baseline does not round).
+
+    For the sample, in vocabulary chunks: the exact dz (``p - onehot``, the loss's, against the
+    global LSE), the materialized baseline's (logits rounded to the inputs' dtype, its softmax
+    normalized by their own log-sum-exp over the shard, dz rounded), and the tail's skipped part.
+    dE: the sample's rows of the exact, the baseline's and the corrected gradient, all through
+    one product with each chunk of C. dC: its error is ``sum_n r[n] E[n]^T`` over all tokens,
+    whose norm `_sum_estimate` estimates from ``[S, S]`` Gram matrices.
+    """
+    n, d = e2.shape
+    if n < 2 or c.dtype == torch.float32:
+        return None
+    size = min(SAMPLE_TOKENS, n)
+    idx = torch.linspace(0, n - 1, size, device=e2.device).round().long()
+    es, lse_s, ys, own = e2[idx], lse[idx], y_local[idx], owned[idx]
+    skip_s = skip[idx // block_n].bool()
+    mass_s = mass[idx]
+    cols_s = skipped_columns(skip, c.shape[0], block_v)[idx // block_n].clamp(min=1)
+    starts = range(0, c.shape[0], chunk)
+    # the baseline normalizes by its own 16-bit logits' log-sum-exp: against the exact one, a
+    # confident token's rounded target logit would shift its whole row
+    lse_base = torch.stack(
+        [_mm32(es, c[v0 : v0 + chunk].T).to(c.dtype).float().logsumexp(dim=1) for v0 in starts]
+    ).logsumexp(dim=0)
+    rows = torch.zeros((5 * size, d), device=e2.device)
+    g_base, g_tail = (torch.zeros((size, size), device=e2.device) for _ in range(2))
+    for v0 in starts:
+        cc = c[v0 : v0 + chunk]
+        cols = torch.arange(v0, v0 + cc.shape[0], device=e2.device)
+        onehot = ((cols[None, :] == ys[:, None]) & own[:, None]).float()
+        z = _mm32(es, cc.T)
+        dz_base = (torch.exp(z.to(c.dtype).float() - lse_base[:, None]) - onehot).to(c.dtype)
+        dz = torch.exp(z - lse_s[:, None]) - onehot
+        dropped = skip_s[:, cols // block_v]
+        skipped = torch.where(dropped, dz, 0.0)
+        dz_hi, skipped_hi = dz.to(c.dtype), skipped.to(c.dtype)
+        parts = (dz_hi, (dz - dz_hi.float()).to(c.dtype), dz_base, skipped_hi,
+                 (skipped - skipped_hi.float()).to(c.dtype))  # fmt: skip
+        rows += _mm32(torch.cat(parts), cc)  # one read of the chunk for all five
+        err_base = dz_base.float() - dz
+        err_tail = skipped - torch.where(dropped, (mass_s / cols_s)[:, None], 0.0)
+        g_base += err_base @ err_base.T
+        g_tail += err_tail @ err_tail.T
+    exact, base, lost = (
+        rows[:size] + rows[size : 2 * size],
+        rows[2 * size : 3 * size],
+        rows[3 * size : 4 * size] + rows[4 * size :],
+    )
+    base_e = (base.to(c.dtype).float() - exact).norm()
+    tail_e = (lost - mass_s[:, None] * c_mean).norm()
+    gram_e = _mm32(es, es.T)
+    base_c = _sum_estimate(g_base, gram_e, n, coherent=False).sqrt()
+    tail_c = _sum_estimate(g_tail, gram_e, n, coherent=True).sqrt()
+    return tail_e, base_e, tail_c, base_c
+
+
+def beats_baseline(*args, **kwargs) -> bool:
+    """Whether the corrected tail keeps both gradients within `ERROR_FRACTION` of the
+    materialized baseline's error on `sample_errors`' sample (its arguments)."""
+    errors = sample_errors(*args, **kwargs)
+    if errors is None:
+        return False
+    tail_e, base_e, tail_c, base_c = errors
+    return bool((tail_e <= ERROR_FRACTION * base_e) & (tail_c <= ERROR_FRACTION * base_c))
