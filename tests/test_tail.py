@@ -78,19 +78,26 @@ def test_tile_lse_is_each_tiles_log_sum_exp():
     assert torch.allclose(tile_lse.double(), want, rtol=1e-6, atol=1e-5)
 
 
-def test_plan_skips_light_tiles_without_targets_and_sums_their_mass():
-    e, c, y = _peaked()
+def _forward_plan(e, c, y, share):
+    """``(lse, skip, mass)``: the forward with its per-tile LSE, then the tail's plan."""
     n, v = y.numel(), c.shape[0]
-    layout = make_layout(e, y, 0)
     tile_lse = vpcce.kernels.tile_lse_buffer(n, c)
     parts = vpcce.kernels.forward_partials(
-        layout, c, None, vocab_start=0, logit_scale=1.0, softcap=None, tile_lse=tile_lse
-    )
+        make_layout(e, y, 0), c, None, vocab_start=0, logit_scale=1.0, softcap=None,
+        tile_lse=tile_lse,
+    )  # fmt: skip
     lse = finalize(parts, v, 0.0)[0]
-    share = 0.5
     skip, mass = vpcce.kernels.tail_plan(
         tile_lse, lse, y, vocab_start=0, vocab=v, vocab_size=v, share=share, dtype=c.dtype
     )
+    return lse, skip, mass
+
+
+def test_plan_skips_light_tiles_without_targets_and_sums_their_mass():
+    e, c, y = _peaked()
+    n, v = y.numel(), c.shape[0]
+    share = 0.5
+    lse, skip, mass = _forward_plan(e, c, y, share)
     bn, bv = blocks(c.dtype).n, blocks(c.dtype).v
     z = e.double() @ c.double().T
     p = torch.softmax(z, dim=1)
@@ -228,16 +235,8 @@ def test_sample_of_every_token_measures_the_batch_errors(monkeypatch):
     gradients (dC: the diagonal alone, so at most the true error)."""
     batch = lm_like(128, 64, 4096, entropy=1.0, seed=7)
     e, c, y = (x.to(DEVICE) for x in (batch.e, batch.c, batch.targets))
-    n, v = y.numel(), c.shape[0]
-    layout = make_layout(e, y, 0)
-    tile_lse = vpcce.kernels.tile_lse_buffer(n, c)
-    parts = vpcce.kernels.forward_partials(
-        layout, c, None, vocab_start=0, logit_scale=1.0, softcap=None, tile_lse=tile_lse
-    )
-    lse = finalize(parts, v, 0.0)[0]
-    skip, mass = vpcce.kernels.tail_plan(
-        tile_lse, lse, y, vocab_start=0, vocab=v, vocab_size=v, share=1.0, dtype=c.dtype
-    )
+    n = y.numel()
+    lse, skip, mass = _forward_plan(e, c, y, 1.0)
     assert skip.float().mean() > 0.2
     monkeypatch.setattr(tail, "SAMPLE_TOKENS", n)
     cfg = blocks(c.dtype)
