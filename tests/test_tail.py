@@ -16,6 +16,7 @@ from truth import bf16_baseline, rel_err, truth
 import vpcce.function as function_module
 import vpcce.kernels
 from vpcce import linear_cross_entropy
+from vpcce.api import loss_config
 from vpcce.kernels import tail, tile_summary
 from vpcce.kernels.common import blocks
 from vpcce.launch.data import lm_like
@@ -264,3 +265,21 @@ def test_checked_tail_gate_verdict(monkeypatch):
     ):
         monkeypatch.setattr(tail, "sample_errors", lambda *a, e=errors, **k: e)
         assert tail.beats_baseline() is want
+
+
+def test_checked_tail_stays_exact_on_a_vocabulary_shard(monkeypatch):
+    """Vocab-parallel: the check's baseline needs the whole vocabulary's softmax, so ``"auto"``
+    keeps no tail summary on a shard (``"tail"`` still does: unchecked)."""
+    e, c, y = _peaked(torch.bfloat16)
+    options = dict(
+        ignore_index=-100, softcap=None, reduction="mean", shift=0, accum_e_fp32=False,
+        accum_c_fp32=False, filter_e_grad=True, filter_c_grad=True, impl="triton",
+        label_smoothing=0.0, logit_scale=1.0, validate=False, chunk_bytes=None,
+    )  # fmt: skip
+    auto, unchecked = (
+        loss_config(e, c, y, None, None, filter_eps=f, **options) for f in ("auto", "tail")
+    )
+    assert function_module._summary_kind(auto, c, False, N) == "lse"
+    monkeypatch.setattr(function_module, "_distributed", lambda cfg: True)
+    assert function_module._summary_kind(auto, c, False, N) is None
+    assert function_module._summary_kind(unchecked, c, False, N) == "lse"

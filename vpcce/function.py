@@ -88,6 +88,18 @@ def uses_tile_summaries(
     return kind if tile_summary.supported(dtype, num_tokens, vocab) else None
 
 
+def _summary_kind(cfg: LossConfig, c: torch.Tensor, has_bias: bool, num_tokens: int) -> str | None:
+    """`uses_tile_summaries` for this call. A checked tail (``"auto"``) needs none on a
+    vocabulary shard: the check's baseline is a softmax over the whole vocabulary, which a shard
+    alone cannot normalize (and the kernels make no collectives), so it stays exact there."""
+    kind = uses_tile_summaries(
+        cfg.impl, cfg.mode, c.dtype, has_bias, num_tokens, c.shape[0], cfg.softcap
+    )
+    if kind == "lse" and cfg.mode.tail_checked and _distributed(cfg):
+        return None
+    return kind
+
+
 def _distributed(cfg: LossConfig) -> bool:
     return cfg.vp is not None and collectives.world_size(cfg.vp) > 1
 
@@ -124,10 +136,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = y != cfg.ignore_index
         # 2. partials over this shard of the vocabulary (and, to skip tiles in backward, each
         # token's largest logit or log-sum-exp per vocabulary tile)
-        kind = uses_tile_summaries(
-            cfg.impl, cfg.mode, c.dtype, bias is not None, layout.num_tokens, c.shape[0],
-            cfg.softcap,
-        )  # fmt: skip
+        kind = _summary_kind(cfg, c, bias is not None, layout.num_tokens)
         summary = {}
         if kind == "max":
             summary["tile_max"] = cfg.backend.tile_max_buffer(layout.num_tokens, c)

@@ -226,7 +226,8 @@ def sample_errors(
 
     For the sample, in vocabulary chunks: the exact dz (``p - onehot``, the loss's, against the
     global LSE), the materialized baseline's (logits rounded to the inputs' dtype, its softmax
-    normalized by their own log-sum-exp over the shard, dz rounded), and the tail's skipped part.
+    normalized by their own log-sum-exp, dz rounded: ``c`` must be the whole vocabulary, as
+    `vpcce.function` ensures), and the tail's skipped part.
     dE: the sample's rows of the exact, the baseline's and the corrected gradient, all through
     one product with each chunk of C. dC: its error is ``sum_n r[n] E[n]^T`` over all tokens,
     whose norm `_sum_estimate` estimates from ``[S, S]`` Gram matrices.
