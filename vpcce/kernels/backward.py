@@ -369,9 +369,10 @@ def backward(
     skip tiles without recomputing them (`vpcce.kernels.skip_plan`).
 
     ``tail`` (`vpcce.kernels.tail.plan` of the forward: the tail's tiles and each token's mass in
-    them) skips those tiles and adds their first-order contribution to dE, when they are at
-    least `MIN_TAIL_SKIPPED` of the tiles (one host read; not during CUDA graph capture): else
-    the backward is exact.
+    them) skips those tiles and adds their first-order contribution to dE and dC, when they are
+    at least `MIN_TAIL_SKIPPED` of the tiles and (``mode.tail_checked``) a sample shows the
+    correction beating the materialized baseline (host reads; not during CUDA graph capture):
+    else the backward is exact.
     """
     n, (v, d) = layout.num_tokens, c.shape
     # the kernel indexes the per-token vectors densely: an LSE gradient can be a stride-0

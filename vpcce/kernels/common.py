@@ -154,6 +154,9 @@ def hopper_backward_blocks() -> Blocks | None:
     return None if interpreting() else HOPPER_BACKWARD_BLOCKS
 
 
+# torch.mm / addmm(..., out_dtype=torch.float32) (16-bit operands into an fp32 output): torch 2.8
+MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+
 # bf16 dz, rounded stochastically with a dither, deterministic (docs/perf.md round 19):
 # round-to-nearest of a near-uniform softmax rounds a token's ~V equal probabilities the same way,
 # and their errors add up along C's mean row in dE (H200, Llama 3 head at 12 nats: dE 1.79e-3

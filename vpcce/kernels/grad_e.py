@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import triton
 
-from vpcce.kernels.common import plain_matrix
+from vpcce.kernels.common import MM_OUT_DTYPE, plain_matrix
 from vpcce.kernels.matmul import ADD, HI_LO, grad_matmul
 from vpcce.kernels.target_dz import add_rows
 
@@ -59,8 +59,6 @@ _ALIGN = 64
 # (`_narrow_in_place`): the temporary's size is half of that.
 _NARROW_BYTES = 2**20
 
-# torch.addmm(..., out_dtype=torch.float32) (16-bit operands into an fp32 output) needs torch 2.8
-_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 def chunk_len(num_tokens: int, vocab: int, element_size: int, tile: int, dz_bytes: int) -> int:
@@ -239,7 +237,7 @@ class EGradAccumulator:
             and acc2 is not None
             and acc2.is_cuda
             and (c_chunk.stride(1) == 1 or c_chunk.stride(0) == 1)
-            and (dz_chunk.dtype == torch.float32 or _ADDMM_OUT_DTYPE)
+            and (dz_chunk.dtype == torch.float32 or MM_OUT_DTYPE)
         )
         if cublas and dz_chunk.dtype == torch.float32:
             torch.addmm(acc2, dz_chunk, c_chunk, out=acc2)

@@ -5,11 +5,12 @@ softmax mass, but together they carry 5% of it, and their classifier rows share 
 (the "unigram" direction of a trained head), so dropping them costs ~50% hidden-gradient error
 (docs/perf.md round 10). Their contribution to ``dE[n]`` is ``sum_v p[n, v] C[v]``; replacing every
 ``C[v]`` by the shard's mean row ``C̄`` keeps the shared direction and leaves
-``sum_v p[n, v] (C[v] - C̄)``, a sum of small incoherent terms (round 20: hidden-gradient error
-1.05e-2 instead of 4.7e-1 at 1 nat, 89% of the tiles skipped, against the materialized
-baseline's 3.6e-2). The classifier gradient of a skipped tile, ``sum_n p[n, v] E[n]``, has a
-shared direction too (the tokens' hidden states share one): each row of a skipped tile gets its
-block's skipped mass spread evenly over the block's skipped columns (`class_rows`).
+``sum_v p[n, v] (C[v] - C̄)``, a sum of small incoherent terms (round 20, fp64, Gemma 2 head at
+1 nat, half a share: hidden-gradient error 9.3e-3 instead of 4.6e-1, 87% of the tiles skipped,
+against the materialized baseline's 3.6e-2). The classifier gradient of a skipped tile,
+``sum_n p[n, v] E[n]``, has a shared direction too (the tokens' hidden states share one): each
+row of a skipped tile gets its block's skipped mass spread evenly over the block's skipped
+columns (`class_rows`).
 
 The correction is a first-order model, not a bound: on small heads it loses to the materialized
 baseline (fp64 study, D 64-512 and V 8k-32k: hidden-gradient error up to 3x the baseline's). So
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from vpcce.kernels import skip_plan
-from vpcce.kernels.common import blocks
+from vpcce.kernels.common import MM_OUT_DTYPE, blocks
 from vpcce.kernels.tile_summary import tile_bounds
 
 # Tokens of `sample_errors`' sample, and how far below the baseline's error the correction's
@@ -40,8 +41,6 @@ from vpcce.kernels.tile_summary import tile_bounds
 SAMPLE_TOKENS = 16
 ERROR_FRACTION = 0.5
 
-# torch.mm(..., out_dtype=torch.float32) (16-bit operands into an fp32 output) needs torch 2.8
-_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 @triton.jit
@@ -178,7 +177,7 @@ def class_rows(
 
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` into fp32 (16-bit operands: fp32 accumulation, no upcast copies on CUDA)."""
-    if a.dtype != torch.float32 and a.dtype == b.dtype and a.is_cuda and _MM_OUT_DTYPE:
+    if a.dtype != torch.float32 and a.dtype == b.dtype and a.is_cuda and MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
