@@ -21,3 +21,18 @@ def test_ratio_times_each_repetition_in_turn(tmp_path, capsys):
     assert json.loads(out.read_text())["rows"][1]["ratio"] == rows[1]["ratio"]
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| N × D × V") and len(table) == 2 + len(rows)
+
+
+def test_ratio_times_the_against_mode_in_turn(capsys):
+    """``--against``: that filter_eps's fw+bw in every repetition, and the median difference."""
+    rows = ratio.main(
+        ["--n", "48", "--d", "16", "--v", "300", "--entropies", "1", "--reps", "3",
+         "--impl", "torch", "--device", "cpu", "--filter-eps", "tail", "--against", "none"]
+    )  # fmt: skip
+    ms = rows[0]["ms"]
+    assert len(ms["against"]) == 3
+    diffs = sorted(a - b for a, b in zip(ms["fw+bw"], ms["against"], strict=True))
+    assert rows[0]["difference_ms"] == diffs[1]
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].endswith("none fw+bw ms | difference ms |")
+    assert table[1].count("|") == table[0].count("|") == table[2].count("|")

@@ -48,7 +48,7 @@ from vpcce.kernels.common import (
     upcast_tiles,
 )
 from vpcce.kernels.matmul import STORE, grad_matmul
-from vpcce.kernels.tail import beats_baseline, class_rows, hidden_weights, mean_row
+from vpcce.kernels.tail import beats_baseline, class_rows, hidden_weights, mean_row, sample_errors
 from vpcce.layout import TokenLayout
 from vpcce.modes import BackwardMode
 
@@ -318,11 +318,11 @@ def chunk_work(
     return out
 
 
-def _hopper_dlogits(e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, exact: bool):
+def _hopper_dlogits(e2: torch.Tensor | None, c: torch.Tensor, exact: bool):
     """(`vpcce.kernels.backward_hopper`, its tiles) when that kernel takes this backward: exact
-    (no filter flags, no plan), no bias, and operands TMA can address; else None. ``dz`` is the
-    dz buffer. The views of borrowing chunks are aligned by construction: dC is a fresh
-    allocation, their offsets are multiples of 64 elements and their widths whole tiles."""
+    (no filter flags, no plan), no bias, and operands TMA can address; else None. The dz views
+    it writes are aligned by construction: the dz buffer and dC are fresh allocations, the
+    borrowing chunks' offsets are multiples of 64 elements and their widths whole tiles."""
     cfg = hopper_backward_blocks()
     if cfg is None or not exact or c.device.type != "cuda" or cfg.v != blocks(c.dtype).v:
         return None
@@ -330,7 +330,58 @@ def _hopper_dlogits(e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, 
         from vpcce.kernels import backward_hopper
     except ImportError:  # a Triton without Gluon's Hopper API
         return None
-    return (backward_hopper, cfg) if backward_hopper.supported(e2, c, dz, cfg) else None
+    return (backward_hopper, cfg) if backward_hopper.supported(e2, c, cfg) else None
+
+
+@dataclass(frozen=True)
+class SkippedTail:
+    """The softmax tail a backward skips (`vpcce.kernels.tail`), and what it adds instead."""
+
+    plan: torch.Tensor  # int8 [token blocks, vocab tiles]: 1 = skipped
+    e_weights: torch.Tensor  # fp32 [N]: dE[n] += e_weights[n] * c_mean
+    c_mean: torch.Tensor  # fp32 [1, D]: the shard's mean classifier row
+    c_rows: torch.Tensor  # [vocab tiles, D], input dtype: each skipped tile's rows' dC share
+
+
+def _skipped_tail(
+    tail: tuple[torch.Tensor, torch.Tensor],
+    e2: torch.Tensor | None,
+    c: torch.Tensor,
+    y_local: torch.Tensor,
+    owned: torch.Tensor,
+    lse: torch.Tensor,
+    g_nll: torch.Tensor,
+    g_lse: torch.Tensor | None,
+    *,
+    mode: BackwardMode,
+    uniform_weight: float,
+    logit_scale: float,
+) -> SkippedTail | None:
+    """The tail of the forward's plan (``tail``: its tiles and each token's mass in them) where
+    the backward skips it: at least `MIN_TAIL_SKIPPED` of the tiles (one host read) and, for a
+    checked mode, a sample showing the correction beating the materialized baseline (a second);
+    else None (exact). Never during CUDA graph capture.
+
+    The correction is enqueued before the verdict's read, so the GPU has work queued when the
+    host resumes (wasted where the check refuses the tail)."""
+    skip, mass = tail
+    if e2 is None or not _may_sync(c.device) or skip.float().mean().item() < MIN_TAIL_SKIPPED:
+        return None
+    cfg = blocks(c.dtype)
+    v, c_mean = c.shape[0], mean_row(c)
+    errors = None
+    if mode.tail_checked:
+        errors = sample_errors(
+            e2, c, c_mean, y_local, owned, lse, skip, mass, block_n=cfg.n, block_v=cfg.v
+        )  # fmt: skip
+    weights = hidden_weights(
+        mass, skip, g_nll, g_lse, vocab=v, block_n=cfg.n, block_v=cfg.v,
+        uniform_weight=uniform_weight, logit_scale=logit_scale,
+    )  # fmt: skip
+    rows = class_rows(weights, skip, e2, vocab=v, block_n=cfg.n, block_v=cfg.v).to(c.dtype)
+    if mode.tail_checked and not beats_baseline(errors):
+        return None
+    return SkippedTail(skip, weights, c_mean, rows)
 
 
 def backward(
@@ -411,44 +462,14 @@ def backward(
     )
     widest = max(ch.rows for ch in acc_e.chunks)
     token_blocks = triton.cdiv(n, cfg.n)
-    tail_plan, tail_weights, tail_e2 = None, None, plain_matrix(layout.e3)
-    if tail is not None and mode.filter_eps is None and bias is None and softcap is None:
-        skip_t, mass = tail
-        # host reads: a tail too thin to pay for the planned kernels, or (checked) whose
-        # correction loses to the materialized baseline on a sample, stays exact
-        c_mean = None
-        if (
-            tail_e2 is not None
-            and _may_sync(c.device)
-            and skip_t.float().mean().item() >= MIN_TAIL_SKIPPED
-        ):
-            c_mean = mean_row(c)
-        if c_mean is not None and (
-            not mode.tail_checked
-            or beats_baseline(
-                tail_e2,
-                c,
-                c_mean,
-                y_local,
-                owned,
-                lse,
-                skip_t,
-                mass,
-                block_n=cfg.n,
-                block_v=cfg.v,
-            )  # fmt: skip
-        ):
-            tail_plan = skip_t
-            tail_weights = hidden_weights(
-                mass, skip_t, g_nll, g_lse, vocab=v, block_n=cfg.n, block_v=cfg.v,
-                uniform_weight=uniform_weight, logit_scale=logit_scale,
-            )  # fmt: skip
-            tail_rows = class_rows(
-                tail_weights, skip_t, tail_e2, vocab=v, block_n=cfg.n, block_v=cfg.v
-            ).to(c.dtype)  # [vocab tiles, D]: 16 bits, kept while the chunks run
-    # whole tiles wide (at most the chunk): a 16-byte row stride TMA can store to
-    buffer_cols = triton.cdiv(acc_e.dz_columns, cfg.v) * cfg.v
-    dz_buffer = torch.empty((n, buffer_cols), dtype=c.dtype, device=c.device)
+    e2 = plain_matrix(layout.e3)  # None when the tokens are not one [N, D] matrix view
+    e_desc = tma_descriptor(e2, [cfg.n, cfg.d])
+    c_desc = tma_descriptor(c, [cfg.v, cfg.d])
+    tma = e_desc is not None and c_desc is not None
+    gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.gemm_stages}
+    # cuBLAS takes dC when the hidden states form one plain matrix on CUDA (else torch.mm would
+    # copy E): 0.068 ms vs 0.20 ms for `grad_matmul` per 8192 x 2304 x 1280 chunk (H100)
+    e2d = e2 if c.device.type == "cuda" else None
     filtering = mode.filter_eps is not None
     plan = None
     # a plan needs the forward's bounds, and both gradients (and no bias gradient) free to drop
@@ -464,8 +485,28 @@ def backward(
             uniform_weight=uniform_weight,
             filter_eps=mode.filter_eps,
         )
-    if tail_weights is not None:
-        plan = tail_plan
+    # the exact backward's Hopper dlogits, set up before the tail's host reads: these wait for
+    # the forward, and host work after them leaves the GPU idle (1.1 ms at Gemma, round 21)
+    hopper = _hopper_dlogits(e2, c, bias is None and not filtering and plan is None)
+    if hopper is not None:
+        module, hopper_cfg = hopper
+        hopper_dlogits = module.launcher(
+            e2, c, layout.y2, lse, g_nll, g_lse, dz_target, hopper_cfg,
+            seq_len=layout.seq_len, vocab_start=vocab_start, uniform_weight=uniform_weight,
+            logit_scale=logit_scale, softcap=softcap,
+        )  # fmt: skip
+    limits = sparse_limits(e2, c, grad_c, acc_e)
+    skipped = None
+    if tail is not None and mode.filter_eps is None and bias is None and softcap is None:
+        skipped = _skipped_tail(
+            tail, e2, c, y_local, owned, lse, g_nll, g_lse, mode=mode,
+            uniform_weight=uniform_weight, logit_scale=logit_scale,
+        )  # fmt: skip
+    if skipped is not None:
+        plan, hopper = skipped.plan, None
+    # whole tiles wide (at most the chunk): a 16-byte row stride TMA can store to
+    buffer_cols = triton.cdiv(acc_e.dz_columns, cfg.v) * cfg.v
+    dz_buffer = torch.empty((n, buffer_cols), dtype=c.dtype, device=c.device)
     flagged = filtering or plan is not None  # the dlogits kernel writes per-tile skip flags
     skip = (
         torch.empty((token_blocks, triton.cdiv(widest, cfg.v)), dtype=torch.int8, device=c.device)
@@ -478,23 +519,6 @@ def backward(
         else None
     )
     bias_arg = bias if bias is not None else c
-    e2 = plain_matrix(layout.e3)  # None when the tokens are not one [N, D] matrix view
-    e_desc = tma_descriptor(e2, [cfg.n, cfg.d])
-    c_desc = tma_descriptor(c, [cfg.v, cfg.d])
-    tma = e_desc is not None and c_desc is not None
-    gemm = {"upcast": upcast, "precision": precision, "warps": cfg.warps, "stages": cfg.gemm_stages}
-    # cuBLAS takes dC when the hidden states form one plain matrix on CUDA (else torch.mm would
-    # copy E): 0.068 ms vs 0.20 ms for `grad_matmul` per 8192 x 2304 x 1280 chunk (H100)
-    e2d = e2 if c.device.type == "cuda" else None
-
-    hopper = _hopper_dlogits(e2, c, dz_buffer, bias is None and not flagged)
-    if hopper is not None:
-        module, hopper_cfg = hopper
-        hopper_dlogits = module.launcher(
-            e2, c, layout.y2, lse, g_nll, g_lse, dz_target, hopper_cfg,
-            seq_len=layout.seq_len, vocab_start=vocab_start, uniform_weight=uniform_weight,
-            logit_scale=logit_scale, softcap=softcap,
-        )  # fmt: skip
 
     def chunk_dz(ch: grad_e.Chunk) -> torch.Tensor:  # [N, rows]: the buffer, or dC's free rows
         if ch.dz_at is None:
@@ -584,13 +608,12 @@ def backward(
                 skip_tile=(cfg.v, cfg.n),
                 **gemm,
             )
-        if tail_weights is not None:  # each skipped tile's first-order share (`vpcce.kernels.tail`)
+        if skipped is not None:  # each skipped tile's first-order share (`vpcce.kernels.tail`)
             rows, t0, whole = grad_c[v0 : v0 + cl], v0 // cfg.v, cl // cfg.v
-            rows[: whole * cfg.v].view(whole, cfg.v, d).add_(tail_rows[t0 : t0 + whole, None])
+            rows[: whole * cfg.v].view(whole, cfg.v, d).add_(skipped.c_rows[t0 : t0 + whole, None])
             if cl > whole * cfg.v:  # the shard's last, partial tile
-                rows[whole * cfg.v :].add_(tail_rows[t0 + whole])
+                rows[whole * cfg.v :].add_(skipped.c_rows[t0 + whole])
 
-    limits = sparse_limits(e2, c, grad_c, acc_e)
     chunks = acc_e.chunks
     works = dict(zip(chunks, chunk_work(chunks, mode, plan, cfg.v, limits), strict=True))
     order = acc_e.order
@@ -610,8 +633,8 @@ def backward(
             # (16-bit dz only; not where the filter may drop a target's tile from dE)
             if c.element_size() < 4 and not (mode.filter_eps and mode.filter_e_grad):
                 acc_e.add_rows(residual, torch.where(owned, y_local, 0), c)
-            if tail_weights is not None:  # the skipped tail, to first order (`vpcce.kernels.tail`)
-                acc_e.add_rows(tail_weights, torch.zeros_like(y_local), c_mean)
+            if skipped is not None:  # the skipped tail, to first order (`vpcce.kernels.tail`)
+                acc_e.add_rows(skipped.e_weights, torch.zeros_like(y_local), skipped.c_mean)
             acc_e.finish(grad_e3)
             if grad_e_ready is not None:
                 grad_e_ready()

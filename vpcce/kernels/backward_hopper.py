@@ -34,7 +34,6 @@ from vpcce.kernels.common import (
     DZ_DITHER_V,
     Blocks,
     stochastic_dz,
-    tma_addressable,
 )
 from vpcce.kernels.forward_hopper import (
     _ROWS,
@@ -188,12 +187,11 @@ def _cce_dlogits_ws_kernel(
     )  # fmt: skip
 
 
-def supported(
-    e2: torch.Tensor | None, c: torch.Tensor, dz: torch.Tensor, cfg: Blocks | None
-) -> bool:
-    """True where the forward's kernel takes ``e2`` and ``c`` (`forward_hopper.supported`) and
-    TMA can write the ``dz`` buffer."""
-    return cfg is not None and forward_supported(e2, c, cfg) and tma_addressable(dz)
+def supported(e2: torch.Tensor | None, c: torch.Tensor, cfg: Blocks | None) -> bool:
+    """True where the forward's kernel takes ``e2`` and ``c`` (`forward_hopper.supported`); the
+    caller's ``dz`` views must be TMA-addressable (`vpcce.kernels.backward`'s are by
+    construction)."""
+    return cfg is not None and forward_supported(e2, c, cfg)
 
 
 def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, vocab_start,

@@ -42,7 +42,6 @@ SAMPLE_TOKENS = 16
 ERROR_FRACTION = 0.5
 
 
-
 @triton.jit
 def _tail_mass_kernel(
     tile_lse_ptr,  # [T, N] fp32: each token's log-sum-exp of each vocabulary tile
@@ -206,6 +205,66 @@ def _sum_estimate(gram: torch.Tensor, gram_e: torch.Tensor, n: int, coherent: bo
     return total.clamp(min=0)
 
 
+@triton.jit
+def _round16(x, BF16: tl.constexpr):
+    """fp32 ``x`` rounded to the nearest 16-bit value (ties to even), as fp32: bf16 through its
+    bits (the Triton interpreter's bf16 casts truncate), fp16 through a cast."""
+    if BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        rounded = bits.to(tl.float32, bitcast=True)
+    else:
+        rounded = x.to(tl.float16).to(tl.float32)
+    return rounded
+
+
+@triton.jit
+def _sample_dz_kernel(
+    z_ptr,  # [S, chunk] fp32: the sample's logits of a vocabulary chunk
+    lse_ptr,  # [S] fp32: the exact log-sum-exp
+    lse_base_ptr,  # [S] fp32: the baseline's, of its 16-bit logits
+    y_ptr,  # [S] int64: the target's column in the chunk (anything outside it where not there)
+    skip_ptr,  # [S, tiles] int8: the plan row of each token's block, from the chunk's first tile
+    mass_ptr,  # [S] fp32: each token's skipped mass
+    cols_ptr,  # [S] fp32: its block's skipped columns (at least 1)
+    out_ptr,  # [4, S, chunk] 16-bit out: see `sample_errors`
+    S,
+    V,
+    stride_zs,
+    stride_ks,
+    stride_ok,
+    stride_os,
+    BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    TILE_V: tl.constexpr,
+):
+    s = tl.arange(0, BLOCK_S)
+    v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    s_mask = s < S
+    mask = s_mask[:, None] & (v < V)[None, :]
+    z = tl.load(z_ptr + s[:, None] * stride_zs + v[None, :], mask=mask, other=0.0)
+    lse = tl.load(lse_ptr + s, mask=s_mask, other=0.0)
+    lse_base = tl.load(lse_base_ptr + s, mask=s_mask, other=0.0)
+    y = tl.load(y_ptr + s, mask=s_mask, other=-1)
+    onehot = tl.where(v[None, :] == y[:, None], 1.0, 0.0)
+    dz = tl.exp(z - lse[:, None]) - onehot
+    base = _round16(tl.exp(_round16(z, BF16) - lse_base[:, None]) - onehot, BF16)
+    tile = (v // TILE_V)[None, :]
+    dropped = tl.load(skip_ptr + s[:, None] * stride_ks + tile, mask=mask, other=0)
+    mass = tl.load(mass_ptr + s, mask=s_mask, other=0.0)
+    cols = tl.load(cols_ptr + s, mask=s_mask, other=1.0)
+    skipped = tl.where(dropped != 0, dz, 0.0)
+    err_tail = skipped - tl.where(dropped != 0, (mass / cols)[:, None], 0.0)
+    hi = _round16(skipped, BF16)  # exact in 16 bits: the pair keeps the skipped dz's precision
+    out = out_ptr + s[:, None] * stride_os + v[None, :]
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out, err_tail.to(dtype), mask=mask)
+    tl.store(out + stride_ok, (base - dz).to(dtype), mask=mask)
+    tl.store(out + 2 * stride_ok, hi.to(dtype), mask=mask)
+    tl.store(out + 3 * stride_ok, (skipped - hi).to(dtype), mask=mask)
+
+
 def sample_errors(
     e2: torch.Tensor,
     c: torch.Tensor,
@@ -218,70 +277,66 @@ def sample_errors(
     *,
     block_n: int,
     block_v: int,
-    chunk: int = 65536,
+    chunk: int = 131072,
 ) -> tuple[torch.Tensor, ...] | None:
     """``(tail dE, baseline dE, tail dC, baseline dC)`` error norms, estimated from `SAMPLE_TOKENS`
-    evenly spread tokens of ``e2`` (None for fp32 inputs, whose baseline does not round).
+    evenly spread tokens of ``e2`` (None for fp32 inputs, whose baseline does not round). Device
+    work only.
 
-    For the sample, in vocabulary chunks: the exact dz (``p - onehot``, the loss's, against the
-    global LSE), the materialized baseline's (logits rounded to the inputs' dtype, its softmax
-    normalized by their own log-sum-exp, dz rounded: ``c`` must be the whole vocabulary, as
-    `vpcce.function` ensures), and the tail's skipped part.
-    dE: the sample's rows of the exact, the baseline's and the corrected gradient, all through
-    one product with each chunk of C. dC: its error is ``sum_n r[n] E[n]^T`` over all tokens,
-    whose norm `_sum_estimate` estimates from ``[S, S]`` Gram matrices.
+    The sample's logits come from one product with C; per vocabulary chunk, `_sample_dz_kernel`
+    writes four 16-bit ``[S, chunk]`` rows: the tail's dz error (the skipped entries of the exact
+    ``p - onehot``, against the global LSE, minus the block's skipped mass spread over its skipped
+    columns), the materialized baseline's (its logits rounded to the inputs' dtype, its softmax
+    normalized by their own log-sum-exp and rounded; ``c`` must be the whole vocabulary, as
+    `vpcce.function` ensures), and the skipped entries as a hi/lo pair. dE: one product of the
+    last three with the chunk of C gives the sample's error rows (the tail's: the skipped part
+    minus ``mass * c_mean``; the baseline's leaves out its output's rounding, ~1e-3). dC: its
+    error is ``sum_n r[n] E[n]^T`` over all tokens, whose norm `_sum_estimate` estimates from the
+    ``[S, S]`` Gram matrices of the first two.
     """
     n, d = e2.shape
     if n < 2 or c.dtype == torch.float32:
         return None
     size = min(SAMPLE_TOKENS, n)
     idx = torch.linspace(0, n - 1, size, device=e2.device).round().long()
-    es, lse_s, ys, own = e2[idx], lse[idx], y_local[idx], owned[idx]
-    skip_s = skip[idx // block_n].bool()
+    es, lse_s = e2[idx], lse[idx]
+    ys = torch.where(owned[idx], y_local[idx], -1)
+    skip_s = skip[idx // block_n]
     mass_s = mass[idx]
     cols_s = skipped_columns(skip, c.shape[0], block_v)[idx // block_n].clamp(min=1)
-    starts = range(0, c.shape[0], chunk)
+    z = _mm32(es, c.T)  # [S, V] fp32, one read of C
     # the baseline normalizes by its own 16-bit logits' log-sum-exp: against the exact one, a
     # confident token's rounded target logit would shift its whole row
-    lse_base = torch.stack(
-        [_mm32(es, c[v0 : v0 + chunk].T).to(c.dtype).float().logsumexp(dim=1) for v0 in starts]
-    ).logsumexp(dim=0)
-    rows = torch.zeros((5 * size, d), device=e2.device)
-    g_base, g_tail = (torch.zeros((size, size), device=e2.device) for _ in range(2))
-    for v0 in starts:
+    lse_base = z.to(c.dtype).float().logsumexp(dim=1)
+    chunk = min(chunk, c.shape[0])
+    out = torch.empty((4, size, chunk), dtype=c.dtype, device=e2.device)
+    rows = torch.zeros((3 * size, d), device=e2.device)
+    gram = torch.zeros((2 * size, 2 * size), device=e2.device)
+    block_s, block_v_ = max(16, triton.next_power_of_2(size)), 512 if c.is_cuda else 4096
+    for v0 in range(0, c.shape[0], chunk):
         cc = c[v0 : v0 + chunk]
-        cols = torch.arange(v0, v0 + cc.shape[0], device=e2.device)
-        onehot = ((cols[None, :] == ys[:, None]) & own[:, None]).float()
-        z = _mm32(es, cc.T)
-        dz_base = (torch.exp(z.to(c.dtype).float() - lse_base[:, None]) - onehot).to(c.dtype)
-        dz = torch.exp(z - lse_s[:, None]) - onehot
-        dropped = skip_s[:, cols // block_v]
-        skipped = torch.where(dropped, dz, 0.0)
-        dz_hi, skipped_hi = dz.to(c.dtype), skipped.to(c.dtype)
-        parts = (dz_hi, (dz - dz_hi.float()).to(c.dtype), dz_base, skipped_hi,
-                 (skipped - skipped_hi.float()).to(c.dtype))  # fmt: skip
-        rows += _mm32(torch.cat(parts), cc)  # one read of the chunk for all five
-        err_base = dz_base.float() - dz
-        err_tail = skipped - torch.where(dropped, (mass_s / cols_s)[:, None], 0.0)
-        g_base += err_base @ err_base.T
-        g_tail += err_tail @ err_tail.T
-    exact, base, lost = (
-        rows[:size] + rows[size : 2 * size],
-        rows[2 * size : 3 * size],
-        rows[3 * size : 4 * size] + rows[4 * size :],
-    )
-    base_e = (base.to(c.dtype).float() - exact).norm()
-    tail_e = (lost - mass_s[:, None] * c_mean).norm()
+        width = cc.shape[0]
+        _sample_dz_kernel[(triton.cdiv(width, block_v_),)](
+            z[:, v0:], lse_s, lse_base, ys - v0, skip_s[:, v0 // block_v :], mass_s, cols_s, out,
+            size, width, z.stride(0), skip_s.stride(0), out.stride(0), out.stride(1),
+            BF16=c.dtype == torch.bfloat16, BLOCK_S=block_s, BLOCK_V=block_v_, TILE_V=block_v,
+            num_warps=8,
+        )  # fmt: skip
+        parts = out[:, :, :width]
+        rows += _mm32(parts[1:].reshape(3 * size, width), cc)  # one read of the chunk
+        errs = parts[:2].reshape(2 * size, width)
+        gram += _mm32(errs, errs.T)
+    base_e = rows[:size].norm()
+    tail_e = (rows[size : 2 * size] + rows[2 * size :] - mass_s[:, None] * c_mean).norm()
     gram_e = _mm32(es, es.T)
-    base_c = _sum_estimate(g_base, gram_e, n, coherent=False).sqrt()
-    tail_c = _sum_estimate(g_tail, gram_e, n, coherent=True).sqrt()
+    tail_c = _sum_estimate(gram[:size, :size], gram_e, n, coherent=True).sqrt()
+    base_c = _sum_estimate(gram[size:, size:], gram_e, n, coherent=False).sqrt()
     return tail_e, base_e, tail_c, base_c
 
 
-def beats_baseline(*args, **kwargs) -> bool:
-    """Whether the corrected tail keeps both gradients within `ERROR_FRACTION` of the
-    materialized baseline's error on `sample_errors`' sample (its arguments)."""
-    errors = sample_errors(*args, **kwargs)
+def beats_baseline(errors: tuple[torch.Tensor, ...] | None) -> bool:
+    """Whether `sample_errors`' ``errors`` keep both gradients within `ERROR_FRACTION` of the
+    materialized baseline's error (a host read)."""
     if errors is None:
         return False
     tail_e, base_e, tail_c, base_c = errors
