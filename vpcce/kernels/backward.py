@@ -240,6 +240,10 @@ HOPPER_SPARSE_C_MAX = 1.0
 # The tail (`vpcce.kernels.tail`) takes the planned Triton dlogits kernel instead of the Hopper
 # one; below this fraction of skipped tiles the exact backward is the faster.
 MIN_TAIL_SKIPPED = 0.5
+# Where the tail's host reads decide the backward, the Hopper dlogits first runs the first chunk's
+# leading columns worth this many flops (2 N D per column: ~0.5 ms on an H200), so the GPU is not
+# idle while the host waits for the forward and sets out the rest (round 21: ~0.5-1 ms otherwise).
+LEAD_FLOPS = 3 * 10**11
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,23 @@ def _hopper_dlogits(e2: torch.Tensor | None, c: torch.Tensor, exact: bool):
     return (backward_hopper, cfg) if backward_hopper.supported(e2, c, cfg) else None
 
 
+def _read_later(x: torch.Tensor) -> Callable[[], bool]:
+    """``read() -> bool(x)``, with the device-to-host copy queued now: the host waits at
+    ``read()`` for that copy alone, not for work queued after it (CPU: no copy)."""
+    if x.device.type != "cuda":
+        return lambda: bool(x)
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> bool:
+        done.synchronize()
+        return bool(host)
+
+    return read
+
+
 @dataclass(frozen=True)
 class SkippedTail:
     """The softmax tail a backward skips (`vpcce.kernels.tail`), and what it adds instead."""
@@ -357,16 +378,14 @@ def _skipped_tail(
     uniform_weight: float,
     logit_scale: float,
 ) -> SkippedTail | None:
-    """The tail of the forward's plan (``tail``: its tiles and each token's mass in them) where
-    the backward skips it: at least `MIN_TAIL_SKIPPED` of the tiles (one host read) and, for a
-    checked mode, a sample showing the correction beating the materialized baseline (a second);
-    else None (exact). Never during CUDA graph capture.
+    """The tail of the forward's plan (``tail``: its tiles and each token's mass in them), thick
+    enough to skip, where the backward skips it: always for an unchecked mode, else where a
+    sample shows the correction beating the materialized baseline (a host read); else None
+    (exact).
 
     The correction is enqueued before the verdict's read, so the GPU has work queued when the
     host resumes (wasted where the check refuses the tail)."""
     skip, mass = tail
-    if e2 is None or not _may_sync(c.device) or skip.float().mean().item() < MIN_TAIL_SKIPPED:
-        return None
     cfg = blocks(c.dtype)
     v, c_mean = c.shape[0], mean_row(c)
     errors = None
@@ -496,12 +515,35 @@ def backward(
             logit_scale=logit_scale, softcap=softcap,
         )  # fmt: skip
     limits = sparse_limits(e2, c, grad_c, acc_e)
-    skipped = None
-    if tail is not None and mode.filter_eps is None and bias is None and softcap is None:
-        skipped = _skipped_tail(
-            tail, e2, c, y_local, owned, lse, g_nll, g_lse, mode=mode,
-            uniform_weight=uniform_weight, logit_scale=logit_scale,
-        )  # fmt: skip
+
+    def chunk_dz(ch: grad_e.Chunk) -> torch.Tensor:  # [N, rows]: the buffer, or dC's free rows
+        if ch.dz_at is None:
+            return dz_buffer[:, : ch.rows]  # (allocated after the tail's host reads)
+        flat = grad_c.view(-1)[ch.dz_at : ch.dz_at + n * ch.dz_cols]
+        return flat.view(n, ch.dz_cols)[:, : ch.rows]
+
+    skipped, lead = None, 0
+    tail_applies = tail is not None and mode.filter_eps is None and bias is None
+    if tail_applies and softcap is None and e2 is not None and _may_sync(c.device):
+        # one host read: is the tail thick enough to skip? Queued first, then the exact path's
+        # first columns and its dz descriptors, so the GPU has work while the host waits for the
+        # forward and resumes (round 21: 0.5-1 ms idle otherwise; either path keeps the columns:
+        # the tail's skipping GEMMs pass over their skipped tiles)
+        thick = _read_later(tail[0].float().mean() >= MIN_TAIL_SKIPPED)
+        first = acc_e.order[0]
+        if hopper is not None:
+            for ch in (*acc_e.order, *acc_e.recompute):
+                if ch.dz_at is not None:
+                    hopper_dlogits.prepare(chunk_dz(ch))
+        if hopper is not None and min(limits) >= 1.0 and first.dz_at is not None:
+            lead = min(first.rows, LEAD_FLOPS // (2 * n * d) // cfg.v * cfg.v)
+            if lead:
+                hopper_dlogits(first.begin, chunk_dz(first)[:, :lead])
+        if thick():
+            skipped = _skipped_tail(
+                tail, e2, c, y_local, owned, lse, g_nll, g_lse, mode=mode,
+                uniform_weight=uniform_weight, logit_scale=logit_scale,
+            )  # fmt: skip
     if skipped is not None:
         plan, hopper = skipped.plan, None
     # whole tiles wide (at most the chunk): a 16-byte row stride TMA can store to
@@ -520,16 +562,14 @@ def backward(
     )
     bias_arg = bias if bias is not None else c
 
-    def chunk_dz(ch: grad_e.Chunk) -> torch.Tensor:  # [N, rows]: the buffer, or dC's free rows
-        if ch.dz_at is None:
-            return dz_buffer[:, : ch.rows]
-        flat = grad_c.view(-1)[ch.dz_at : ch.dz_at + n * ch.dz_cols]
-        return flat.view(n, ch.dz_cols)[:, : ch.rows]
-
-    def dlogits(v0: int, cl: int, work: ChunkWork, dz: torch.Tensor):
+    def dlogits(v0: int, cl: int, work: ChunkWork, dz: torch.Tensor, flags=None):
+        """The chunk's dz from row ``v0`` (``flags``: its tiles' skip flags, default ``skip``)."""
+        if cl <= 0:
+            return
         if hopper is not None:
             hopper_dlogits(v0, dz)
             return
+        flags = skip if flags is None else flags
         _cce_dlogits_kernel[(token_blocks * triton.cdiv(cl, cfg.v),)](
             e_desc if tma else layout.e3,
             c_desc if tma else c,
@@ -541,7 +581,7 @@ def backward(
             dz_target,
             dz_target32,
             dz,
-            skip if flagged else dz,
+            flags if flagged else dz,
             plan if plan is not None else dz,
             dbias if dbias is not None else lse,
             n,
@@ -559,7 +599,7 @@ def backward(
             layout.y2.stride(0),
             layout.y2.stride(1),
             dz.stride(0),
-            skip.stride(0) if flagged else 0,
+            flags.stride(0) if flagged else 0,
             plan.stride(0) if plan is not None else 0,
             dbias.stride(0) if dbias is not None else 0,
             float(logit_scale),
@@ -619,8 +659,15 @@ def backward(
     order = acc_e.order
     for ch in order:
         v0, cl, work, dz_c = ch.begin, ch.rows, works[ch], chunk_dz(ch)
-        if work.live:
+        if work.live and lead and ch == order[0]:  # its first columns ran before the reads
+            tiles = lead // cfg.v
+            if plan is not None:  # the tail: those tiles' flags are the plan's
+                skip[:, :tiles].copy_(plan[:, v0 // cfg.v : v0 // cfg.v + tiles])
+            rest = None if skip is None else skip[:, tiles:]
+            dlogits(v0 + lead, cl - lead, work, dz_c[:, lead:], rest)
+        elif work.live:
             dlogits(v0, cl, work, dz_c)
+        if work.live:
             acc_e.add(
                 dz_c,
                 c[v0 : v0 + cl],

@@ -196,7 +196,8 @@ def supported(e2: torch.Tensor | None, c: torch.Tensor, cfg: Blocks | None) -> b
 
 def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, vocab_start,
              uniform_weight, logit_scale, softcap):  # fmt: skip
-    """``dlogits(chunk_begin, dz)``: write the ``[N, rows]`` ``dz`` of the chunk from that row.
+    """``dlogits(chunk_begin, dz)``: write the ``[N, rows]`` ``dz`` of the chunk from that row
+    (``dlogits.prepare(dz)`` builds a view's descriptor ahead of its launch).
 
     ``dz_target`` ``[N]``: the target column's dz (`vpcce.kernels.target_dz`). The operands'
     TMA descriptors and the launch arguments are built once per backward, not per chunk (a
@@ -222,21 +223,27 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, v
     )  # fmt: skip
     dz_descs = {}  # a few dz views recur (the buffer's chunk lengths): build each once
 
-    def dlogits(chunk_begin: int, dz: torch.Tensor) -> None:
-        chunk_len = dz.shape[1]
-        key = (dz.data_ptr(), chunk_len, dz.stride(0))
+    def prepare(dz: torch.Tensor):
+        """The TMA descriptor of a ``dz`` view, built once (~0.2 ms of host time each, H200)."""
+        key = (dz.data_ptr(), dz.shape[1], dz.stride(0))
         if key not in dz_descs:  # TMA clips the store at the chunk's last column
             dz_descs[key] = TensorDescriptor.from_tensor(dz, [_ROWS, cfg.v], dz_layout)
+        return dz_descs[key]
+
+    def dlogits(chunk_begin: int, dz: torch.Tensor) -> None:
+        chunk_len = dz.shape[1]
+        dz_desc = prepare(dz)
         tiles = triton.cdiv(chunk_len, cfg.v)
         if cfg.tiles_per_program is None:
             splits = num_splits(n, tiles, cfg, sms, e_in_l2)
         else:
             splits = min(num_splits(n, tiles, cfg, sms), triton.cdiv(tiles, cfg.tiles_per_program))
         _cce_dlogits_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
-            e_desc, c_desc, dz_descs[key], y2, lse, g_nll,
+            e_desc, c_desc, dz_desc, y2, lse, g_nll,
             g_lse if g_lse is not None else lse, dz_target,
             n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, triton.cdiv(tiles, splits),
             y2.stride(0), y2.stride(1), *scalars, **flags,
         )  # fmt: skip
 
+    dlogits.prepare = prepare
     return dlogits
