@@ -11,6 +11,7 @@ per-rank results in rank order.
 - Results travel back as ``torch.save`` bytes over one pipe per rank, not through
   torch.multiprocessing's shared-memory tensor sharing, which needs the sender alive while the
   parent unpickles (the children exit right after sending).
+- Every rank joins the group (a barrier) before any calls ``fn``.
 - A rank that raises: its traceback text is sent back and `RankError` is raised in the parent,
   chained from the original exception when that one pickles. The other ranks, usually stuck in a
   collective with the dead rank, get a short grace period and are then killed.
@@ -69,6 +70,10 @@ def _child(rank, world_size, init_method, backend, timeout, conn, fn, args, kwar
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
+        # every rank has joined before any runs fn: gloo's init returns on a rank once its own
+        # side of the full mesh is up, and a rank that then returned (and exited) at once closed
+        # its sockets under a peer still connecting, which reported that instead of its outcome
+        dist.barrier()
         try:
             message = ("ok", fn(rank, world_size, *args, **kwargs))
         finally:
