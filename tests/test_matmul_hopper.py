@@ -89,6 +89,51 @@ def test_matches_the_kept_product(shape, grad, monkeypatch):
     assert torch.equal(out, again)
 
 
+@pytest.mark.parametrize("tokens, split", [(512, 256), (300, 128), (384, 384)])
+def test_one_launch_adds_into_two_outputs(tokens, split, monkeypatch):
+    """dE's two-part scratch (`grad_e`): rows before ``split`` into one fp32 matrix, the rest
+    into another, in one launch; each part as the kept product says, bitwise reproducible."""
+    calls = _spy(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    chunk, d = 768, 384
+    dz = (torch.randn(tokens, chunk, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
+    c = torch.randn(chunk, d, device="cuda", generator=g).to(torch.bfloat16)
+    skip = torch.rand((-(-tokens // 128), chunk // 256), device="cuda", generator=g) < 0.5
+    skip = skip.to(torch.int8)
+    first = torch.randn(split, d, device="cuda", generator=g)
+    rest = torch.randn(tokens - split, d, device="cuda", generator=g)
+    kept = dz.double().masked_fill(_dropped_entries(skip, tokens, chunk, (128, 256)), 0.0)
+    want = kept @ c.double() + torch.cat([first, rest]).double()
+
+    opts = dict(mode=ADD, blocks=(128, 128, 64), upcast=False, precision="tf32")
+
+    def multiply(a_out, b_out):
+        grad_matmul(
+            dz, c.unsqueeze(0), a_out.unsqueeze(0), skip=skip, skip_tile=(128, 256),
+            rest=(split, b_out.unsqueeze(0)), **opts,
+        )  # fmt: skip
+
+    starts = first.clone(), rest.clone()
+    multiply(first, rest)
+    assert len(calls) == 1, "not one launch of the Hopper kernel"
+    got = torch.cat([first, rest]).double()
+    # the chains' truncation (module docstring): ~1e-6 here, the two-launch check below is exact
+    assert ((got - want).norm() / want.norm()).item() < 4e-6
+    again = [x.clone() for x in starts]
+    multiply(*again)
+    assert torch.equal(first, again[0]) and torch.equal(rest, again[1])
+    # one launch per part: the same programs, bitwise the same sums
+    parts = [x.clone() for x in starts]
+    for rows, out, flags in (
+        (slice(0, split), parts[0], skip),
+        (slice(split, None), parts[1], skip[split // 128 :]),
+    ):
+        grad_matmul(
+            dz[rows], c.unsqueeze(0), out.unsqueeze(0), skip=flags, skip_tile=(128, 256), **opts
+        )
+    assert torch.equal(first, parts[0]) and torch.equal(rest, parts[1])
+
+
 def test_declines_what_it_cannot_address():
     a = torch.zeros(256, 512, device="cuda", dtype=torch.bfloat16)
     b = torch.zeros(512, 256, device="cuda", dtype=torch.bfloat16)

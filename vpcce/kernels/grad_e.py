@@ -217,6 +217,13 @@ class EGradAccumulator:
 
     def add(self, dz_chunk, c_chunk, *, skip, skip_tile, blocks, gemm):
         """``acc += dz_chunk @ c_chunk``; ``skip`` (tile flags) drops filtered K steps."""
+        if skip is not None and len(self.parts) == 2:  # the scratch's two parts, one GEMM call
+            (_, split, acc3), (_, _, rest3) = self.parts
+            grad_matmul(
+                dz_chunk, c_chunk.unsqueeze(0), acc3, mode=ADD, blocks=blocks, skip=skip,
+                skip_tile=skip_tile, rest=(split, rest3), **gemm,
+            )  # fmt: skip
+            return
         for r0, r1, acc3 in self.parts:
             assert skip is None or r0 % skip_tile[0] == 0, "parts split between skip tiles"
             self._add(

@@ -152,10 +152,14 @@ def grad_matmul(
     skip_tile: tuple[int, int] | None = None,
     warps: int = 4,
     stages: int = 2,
+    rest: tuple[int, torch.Tensor] | None = None,
 ):
     """``out (+)= a @ b`` where ``b3`` / ``out3`` are ``[B, T', X]`` token views (or ``[1, M, X]``).
 
     ``skip`` (``[M / skip_tile[0], K / skip_tile[1]]``-indexed int8, any strides) skips K steps.
+    ``rest`` ``(split, out3b)``: the rows of ``a`` from ``split`` (a multiple of ``skip_tile[0]``)
+    go to ``out3b`` instead, ``out3`` holding those before it: one launch where the Hopper kernel
+    takes both (dE's two-part scratch), else one call per part.
     """
     m, k = a.shape
     n = out3.shape[-1]
@@ -165,6 +169,24 @@ def grad_matmul(
         return
     skip_tile = skip_tile or (block_m, block_k)
     hopper = _hopper_sparse(a, b3, out3, mode, skip, skip_tile)
+    if rest is not None:
+        split, out3b = rest
+        rest2 = plain_matrix(out3b)
+        module = None if hopper is None else hopper[0]
+        if (
+            module is not None
+            and split % module.BLOCK_M == 0
+            and module.takes(hopper[1], rest2, a.dtype, skip_tile)
+        ):
+            module.launch(a, *hopper[1:], skip, skip_tile, add=mode == ADD, rest=(split, rest2))
+            return
+        assert skip is None or split % skip_tile[0] == 0, "parts split between skip tiles"
+        rest_skip = None if skip is None else skip[split // skip_tile[0] :]
+        opts = dict(mode=mode, blocks=blocks, upcast=upcast, precision=precision, lo=lo,
+                    skip_tile=skip_tile, warps=warps, stages=stages)  # fmt: skip
+        grad_matmul(a[:split], b3, out3, skip=skip, **opts)
+        grad_matmul(a[split:], b3, out3b, skip=rest_skip, **opts)
+        return
     if hopper is not None:  # the warp-specialized kernel walks the kept K blocks only
         module, b2, out2 = hopper
         module.launch(a, b2, out2, skip, skip_tile, add=mode == ADD)

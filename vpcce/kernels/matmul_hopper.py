@@ -18,6 +18,8 @@ GPU-only (Gluon has no interpreter); `supported` says when `vpcce.kernels.matmul
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -166,6 +168,7 @@ def _store(acc, out_ptr, m, n, M, N, stride_om):
 @gluon.jit
 def _sparse_matmul_ws_kernel(
     a_desc, b_desc, out_ptr, skip_ptr, M, N, K, stride_om, stride_skm, stride_skk,
+    rest_ptr, split, stride_rm,
     SKIP_M: gl.constexpr, SKIP_K: gl.constexpr, A_T: gl.constexpr, ADD: gl.constexpr,
     STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
@@ -187,6 +190,15 @@ def _sparse_matmul_ws_kernel(
     pid_n = (pid % per_group) // group_size
     m0 = pid_m * block_m
     n0 = pid_n * block_n
+    # rows from ``split`` on (a multiple of block_m) live in a second output, ``rest``
+    out_m0 = m0
+    out_rows = gl.minimum(M, split)
+    stride_out = stride_om
+    if m0 >= split:
+        out_ptr = rest_ptr
+        out_m0 = m0 - split
+        out_rows = M - split
+        stride_out = stride_rm
     # the consumers' step count: this row block's kept K blocks
     skip_row = skip_ptr + (m0 // SKIP_M).to(gl.int64) * stride_skm
     blocks_k = gl.cdiv(K, SKIP_K)
@@ -199,7 +211,7 @@ def _sparse_matmul_ws_kernel(
     # one ready / empty pair per slot: both consumers release a slot (`_ring`)
     a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, STAGES, STAGES)
     steps = count * (SKIP_K // block_k)
-    ops = (a_bufs, b_bufs, ready, empty, out_ptr, M, N, stride_om, m0, n0, steps)
+    ops = (a_bufs, b_bufs, ready, empty, out_ptr, out_rows, N, stride_out, out_m0, n0, steps)
     gl.warp_specialize(
         [
             (_consumer, (ops, _WG0, ADD, A_T)),
@@ -215,12 +227,15 @@ def _sparse_matmul_ws_kernel(
     )  # fmt: skip
 
 
+@functools.cache
+def _major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def available(device: torch.device, dtype: torch.dtype, skip_tile: tuple[int, int]) -> bool:
     """True when this kernel runs on ``device`` for ``dtype`` operands and skip tiles of whole
     program rows and K steps (the operands' layout aside: `supported`)."""
-    if device.type != "cuda" or not gluon_validated():
-        return False
-    if torch.cuda.get_device_capability(device)[0] != 9:
+    if device.type != "cuda" or not gluon_validated() or _major(device.index) != 9:
         return False
     return dtype in (torch.bfloat16, torch.float16) and not (
         skip_tile[0] % BLOCK_M or skip_tile[1] % BLOCK_K
@@ -247,23 +262,36 @@ def supported(a: torch.Tensor, b2: torch.Tensor | None, out2: torch.Tensor | Non
     return takes(b2, out2, a.dtype, skip_tile) and (tma_addressable(a) or tma_addressable(a.t()))
 
 
-def _descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    return TensorDescriptor.from_tensor(
-        x, block, gl.NVMMASharedLayout.get_default_for(block, dtype)
-    )
+@functools.cache
+def _shared_layout(block: tuple[int, int], dtype: torch.dtype):
+    # (built once: the backward's tail path launches this kernel ~3 times per chunk, and its
+    # host time, not the GPU's, bounds the small chunks; H200, round 22)
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+
+
+def _descriptor(x: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
+    return TensorDescriptor.from_tensor(x, list(block), _shared_layout(block, x.dtype))
 
 
 def launch(a: torch.Tensor, b2: torch.Tensor, out2: torch.Tensor, skip: torch.Tensor,
-           skip_tile: tuple[int, int], *, add: bool) -> None:  # fmt: skip
+           skip_tile: tuple[int, int], *, add: bool,
+           rest: tuple[int, torch.Tensor] | None = None) -> None:  # fmt: skip
     """``out2 (+)= a @ b2`` over the K blocks whose ``skip`` flag (int8, any strides, indexed
-    ``[row // skip_tile[0], k // skip_tile[1]]``) is 0."""
+    ``[row // skip_tile[0], k // skip_tile[1]]``) is 0.
+
+    ``rest`` ``(split, out2b)``: the product's rows from ``split`` (a multiple of `BLOCK_M`) go
+    to ``out2b``'s rows from 0 instead (``out2`` then holds rows up to ``split``): both parts of
+    dE's scratch accumulator (`vpcce.kernels.grad_e`) in one launch."""
     (m, k), n = a.shape, out2.shape[1]
+    split, out2b = rest if rest is not None else (triton.cdiv(m, BLOCK_M) * BLOCK_M, out2)
+    assert split % BLOCK_M == 0 and out2b.dtype == out2.dtype, "rows split between programs"
     a_t = not tma_addressable(a)  # then its transpose is (`supported`): dz^T
-    a_desc = _descriptor(a.t(), [BLOCK_K, BLOCK_M]) if a_t else _descriptor(a, [BLOCK_M, BLOCK_K])
-    b_desc = _descriptor(b2, [BLOCK_K, BLOCK_N])
+    a_desc = _descriptor(a.t(), (BLOCK_K, BLOCK_M)) if a_t else _descriptor(a, (BLOCK_M, BLOCK_K))
+    b_desc = _descriptor(b2, (BLOCK_K, BLOCK_N))
     _sparse_matmul_ws_kernel[(triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)](
         a_desc, b_desc, out2, skip, m, n, k, out2.stride(0), skip.stride(0), skip.stride(1),
+        out2b, split, out2b.stride(0),
         SKIP_M=skip_tile[0], SKIP_K=skip_tile[1], A_T=a_t, ADD=add, STAGES=STAGES,
         GROUP_M=GROUP_M, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
         maxnreg=168,
