@@ -26,9 +26,14 @@ class Batch:
 
 
 def _zipf(n: int, v: int, gen: torch.Generator, device) -> torch.Tensor:
-    """n ranks in [0, v) with P(rank r) ~ 1 / (r + 2.7)^1.1 (a Zipf-Mandelbrot law)."""
-    weights = (torch.arange(v, dtype=torch.float64, device=device) + 2.7).pow(-1.1)
-    return torch.multinomial(weights.float(), n, replacement=True, generator=gen)
+    """n ranks in [0, v) with P(rank r) ~ 1 / (r + 2.7)^1.1 (a Zipf-Mandelbrot law).
+
+    Drawn on the CPU (``gen`` is a CPU generator): CUDA's ``multinomial`` gave different draws
+    in two processes with the same seed (H200, torch 2.11), so the benchmarks' data changed from
+    run to run.
+    """
+    weights = (torch.arange(v, dtype=torch.float64) + 2.7).pow(-1.1)
+    return torch.multinomial(weights.float(), n, replacement=True, generator=gen).to(device)
 
 
 def sample_stats(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, sample: int = 256):
@@ -57,6 +62,7 @@ def lm_like(
     concentrates the softmax mass in the first vocabulary tiles.
     """
     gen = torch.Generator(device).manual_seed(seed)
+    draws = torch.Generator().manual_seed(seed)
     c = torch.randn(v, d, generator=gen, device=device) / math.sqrt(d)
     unigram = torch.randn(d, generator=gen, device=device)
     unigram /= unigram.norm()
@@ -68,8 +74,8 @@ def lm_like(
         else torch.randperm(v, generator=gen, device=device)
     )
     c[ids] += 0.6 * profile[:, None] * unigram[None, :]  # rank-r token gets profile[r]
-    targets = ids[_zipf(n, v, gen, device)]
-    others = ids[_zipf(n * 4, v, gen, device)].view(n, 4)
+    targets = ids[_zipf(n, v, draws, device)]
+    others = ids[_zipf(n * 4, v, draws, device)].view(n, 4)
     mix = torch.tensor([0.5, 0.3, 0.2, 0.1], device=device)
     direction = c[targets] + (c[others] * mix[None, :, None]).sum(1) + 0.5 * unigram
     direction += 0.3 * torch.randn(n, d, generator=gen, device=device) / math.sqrt(d)
