@@ -1,7 +1,8 @@
 """The benchmarks' synthetic data (`vpcce.launch.data`): reproducible from its seed, and as
 peaked as asked. (Across processes on CUDA: CUDA's ``multinomial`` once made the Zipf draws differ
 from run to run with one seed; they are drawn on the CPU now. Checked on the H200 with two
-processes, docs/perf.md 2026-12-02 session 15.)"""
+processes, docs/perf.md 2026-12-02 session 15.) And `kernel_check.checksum`, which prints
+them for comparing two runs."""
 
 from __future__ import annotations
 
@@ -30,3 +31,16 @@ def test_lm_like_has_the_mean_entropy_asked(entropy):
     assert abs(h - entropy) < 0.15 * entropy, h  # the bisection sets it on the first 256 tokens
     assert (b.mean_entropy, b.mean_nll) == pytest.approx(sample_stats(b.e, b.c, b.targets))
     assert nll > 0 and b.targets.min() >= 0 and b.targets.max() < 4000
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64, torch.bool])
+def test_checksum_sees_one_changed_word(dtype):
+    from vpcce.launch.kernel_check import checksum
+
+    x = (torch.arange(5000) % 7).to(dtype)
+    assert checksum(x) == checksum(x.clone())
+    for i in (0, 1234, 4999):
+        y = x.clone()
+        y.view(torch.uint8)[i * x.element_size()] ^= 1  # the word's lowest bit
+        assert checksum(y) != checksum(x), i
+    assert checksum(x) != checksum(x.flip(0))
