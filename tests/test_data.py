@@ -44,3 +44,24 @@ def test_checksum_sees_one_changed_word(dtype):
         y.view(torch.uint8)[i * x.element_size()] ^= 1  # the word's lowest bit
         assert checksum(y) != checksum(x), i
     assert checksum(x) != checksum(x.flip(0))
+
+
+def test_kernel_check_row_and_report(monkeypatch, capsys):
+    """`kernel_check.check` on CPU (the exact mode's kernels in the interpreter); the CUDA-only
+    memory and synchronization probes replaced."""
+    from types import SimpleNamespace
+
+    from vpcce.launch import kernel_check
+
+    monkeypatch.setattr(kernel_check, "extra_memory_mb", lambda *a, **k: 0.0)
+    monkeypatch.setattr(kernel_check, "no_host_sync", lambda *a, **k: True)
+    batch = lm_like(64, 32, 500, entropy=2.0, dtype=torch.float32)
+    row = kernel_check.check("peaked", batch, SimpleNamespace(time=False))
+    assert row["bitwise_deterministic"]
+    for label in ("baseline", "exact", "default"):  # fp32 inputs: all near the fp64 truth
+        assert max(row[label].values()) < 1e-5, (label, row[label])
+    again = kernel_check.check("peaked", batch, SimpleNamespace(time=False))
+    assert again["checksums"] == row["checksums"]
+    kernel_check.report([row], (64, 32, 500), "cpu")
+    out = capsys.readouterr().out
+    assert row["checksums"]["default loss, dE, dC"] in out and "| peaked | True | True |" in out

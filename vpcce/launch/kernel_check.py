@@ -156,6 +156,36 @@ def timings(e, c, y) -> dict:
     return out
 
 
+def report(rows: list[dict], shape: tuple[int, int, int], device: str) -> None:
+    """The markdown tables of `check`'s rows."""
+    n, d, v = shape
+    print(f"\n### N {n} x D {d} x V {v}, bf16, {device}")
+    print("| data | H / NLL | method | loss err | dE err | dC err |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for label in ("baseline", *MODES):
+            m = r[label]
+            errors = f"{m['loss_err']:.1e} | {m['de_err']:.1e} | {m['dc_err']:.1e}"
+            print(f"| {r['data']} | {r['entropy']:.2f} / {r['nll']:.2f} | {label} | {errors} |")
+    times = ("gemm", "fw", "fwbw_exact", "fwbw_default", "fwbw_baseline")
+    print(
+        "\n| data | deterministic | no host sync | extra MB exact | extra MB default | gemm ms "
+        "| fw ms | fw+bw exact | fw+bw default | fw+bw baseline |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ms = r.get("ms", {})
+        cells = [f"{ms[k]:.2f}" if k in ms else "-" for k in times]
+        print(
+            f"| {r['data']} | {r['bitwise_deterministic']} | {r['no_host_sync']} "
+            f"| {r['exact_extra_mb']:.1f} | {r['default_extra_mb']:.1f} | {' | '.join(cells)} |"
+        )
+    print("\n| data | checksums of | |\n|---|---|---|")
+    for r in rows:
+        for what, digest in r["checksums"].items():
+            print(f"| {r['data']} | {what} | {digest} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8192)
@@ -189,31 +219,7 @@ def main(argv=None):
                 f,
                 indent=1,
             )
-    print(f"\n### N {args.n} x D {args.d} x V {args.v}, bf16, {torch.cuda.get_device_name()}")
-    print("| data | H / NLL | method | loss err | dE err | dC err |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        for label in ("baseline", *MODES):
-            m = r[label]
-            errors = f"{m['loss_err']:.1e} | {m['de_err']:.1e} | {m['dc_err']:.1e}"
-            print(f"| {r['data']} | {r['entropy']:.2f} / {r['nll']:.2f} | {label} | {errors} |")
-    times = ("gemm", "fw", "fwbw_exact", "fwbw_default", "fwbw_baseline")
-    print(
-        "\n| data | deterministic | no host sync | extra MB exact | extra MB default | gemm ms "
-        "| fw ms | fw+bw exact | fw+bw default | fw+bw baseline |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ms = r.get("ms", {})
-        cells = [f"{ms[k]:.2f}" if k in ms else "-" for k in times]
-        print(
-            f"| {r['data']} | {r['bitwise_deterministic']} | {r['no_host_sync']} "
-            f"| {r['exact_extra_mb']:.1f} | {r['default_extra_mb']:.1f} | {' | '.join(cells)} |"
-        )
-    print("\n| data | checksums of | |\n|---|---|---|")
-    for r in rows:
-        for what, digest in r["checksums"].items():
-            print(f"| {r['data']} | {what} | {digest} |")
+    report(rows, (args.n, args.d, args.v), torch.cuda.get_device_name())
 
 
 if __name__ == "__main__":
