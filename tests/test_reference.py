@@ -253,6 +253,29 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(f, (e, c, b))
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_gradient_of_the_gradient_raises(impl):
+    """``create_graph=True`` gives the usual gradients, and the graph of other terms works, but a
+    backward through vpcce's gradient raises (it would be wrong: the implementations' gradients
+    are not differentiable functions of the inputs)."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(6, 4, generator=g, requires_grad=True)
+    c = torch.randn(9, 4, generator=g, requires_grad=True)
+    y = torch.randint(0, 9, (6,), generator=g)
+    w = torch.randn(3, generator=g, requires_grad=True)  # a term of the loss that vpcce is not
+    expected = torch.autograd.grad(linear_cross_entropy(e, c, y, impl=impl), (e, c))
+    loss = linear_cross_entropy(e, c, y, impl=impl) + w.pow(3).sum()
+    de, dc, dw = torch.autograd.grad(loss, (e, c, w), create_graph=True)
+    torch.testing.assert_close(de, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(dc, expected[1], rtol=0, atol=0)
+    (d2w,) = torch.autograd.grad(dw.sum(), w, retain_graph=True)
+    torch.testing.assert_close(d2w, 6 * w.detach())
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(dc.pow(2).sum() + e.sum(), e, retain_graph=True)
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        (de.sum() + dc.sum()).backward()
+
+
 def test_shift_pairs_views_without_copying_e():
     e, _, _, y = make_inputs((2, 3), d=16)
     layout = make_layout(e, y, 3)

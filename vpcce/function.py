@@ -126,6 +126,42 @@ def _without_autocast(backward):
     return wrapper
 
 
+class _GradientOfGradient(torch.autograd.Function):
+    """Passes ``grad`` through, with ``inputs`` (those of the loss that require grad) as its own:
+    differentiating the result with respect to any of them raises."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            "vpcce's linear_cross_entropy is not twice differentiable: the gradient of its "
+            "gradient (create_graph=True, then a backward through that gradient) is not supported"
+        )
+
+
+def _once_differentiable(backward):
+    """Run ``backward`` without recording a graph. With ``create_graph=True`` its gradients come
+    back differentiable, and differentiating them raises (`_GradientOfGradient`): they depend on
+    the inputs through saved tensors that a recorded graph would treat as constants, so a second
+    derivative would be wrong. (``torch.autograd.function.once_differentiable`` marks them only when
+    the incoming gradients require grad, which the usual seed, ``ones`` for the loss, does not,
+    and not as functions of the inputs, so ``autograd.grad(..., e)`` would not reach the mark.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        inputs = [t for t in ctx.saved_tensors[:3] if t is not None and t.requires_grad]  # e, c, bias
+        return tuple(g if g is None else _GradientOfGradient.apply(g, *inputs) for g in out)
+
+    return wrapper
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e, c, bias, targets, cfg: LossConfig):
@@ -193,6 +229,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss, lse.view(shape), entropy.view(shape), argmax.view(shape)
 
     @staticmethod
+    @_once_differentiable
     @_without_autocast
     def backward(ctx, grad_loss, grad_lse, _grad_entropy, _grad_argmax):
         e, c, bias, targets, lse, z_target, valid, count, bounds, *tail = ctx.saved_tensors
@@ -216,7 +253,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         reduce = _distributed(cfg) and cfg.vp.reduce_e_grad
         # A reduced gradient is accumulated directly in the reduction dtype, so an fp32 reduction
         # sums unrounded partials (and the implementation needs no 16-bit hi/lo residual).
-        grad_dtype = cfg.vp.reduce_dtype if reduce else e.dtype
+        grad_dtype = cfg.vp.reduction_dtype(e.dtype) if reduce else e.dtype
         grad_e_all, grad_layout = gradient_layout(e_all, targets, cfg.shift, grad_dtype)
         # the hidden-gradient reduction starts as soon as dE is final, overlapping what remains
         # of the classifier gradient (the implementation says when: `grad_e_ready`)
