@@ -25,11 +25,13 @@ def _lines(proc) -> list[str]:
     "args, shards",
     [
         (("--impl", "torch"), "[516, 515]"),  # the default V = 1031
+        # fp64: the hidden gradient is summed in fp64 too (bound 1e-12)
+        (("--impl", "torch", "--dtype", "fp64"), "[516, 515]"),
         # the Triton kernels in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
         # a smaller vocabulary, still prime, keeps the interpreter to seconds
         (("--impl", "triton", "--dtype", "bf16", "--vocab", "257"), "[129, 128]"),
     ],
-    ids=["torch-fp32", "triton-bf16"],
+    ids=["torch-fp32", "torch-fp64", "triton-bf16"],
 )
 def test_two_ranks_pass(args, shards):
     proc = torchrun_check(*args)

@@ -676,6 +676,9 @@ BAD_LAYOUTS = {
     "options": ("LayoutError", "loss options"),
     # the forward skips the entropy / argmax partials on ranks that do not return them
     "return_stats": ("LayoutError", "loss options"),
+    # the hidden gradient's all-reduce would mix buffers of different sizes
+    "reduce_dtype": ("LayoutError", "loss options"),
+    "input_dtype": ("LayoutError", "inputs' dtype"),
     # the ranks agree on V = 300 but a target is 300: a plain ValueError, still on every rank
     "targets_beyond_vocab": ("ValueError", "targets must be in [0, 300)"),
 }
@@ -687,6 +690,7 @@ def bad_layout_call(rank: int, world: int, kind: str):
     start, stop = shard_range(V, rank, world)
     e, targets, reduction = data["e"], data["targets"], "mean"
     return_stats = kind == "return_stats" and rank == 1
+    reduce_dtype = torch.bfloat16 if kind == "reduce_dtype" and rank == 1 else torch.float32
     if kind == "gap" and rank == 1:
         start += 1
     elif kind == "overlap" and rank == 1:
@@ -706,6 +710,8 @@ def bad_layout_call(rank: int, world: int, kind: str):
     # classifier rows for the claimed shard, even where it reaches past the V rows of the data
     c = torch.cat((data["c"], data["c"]))[start:stop]
     bias = torch.cat((data["bias"], data["bias"]))[start:stop]
+    if kind == "input_dtype" and rank == 1:
+        e, c, bias = e.double(), c.double(), bias.double()
     return linear_cross_entropy(
         e,
         c,
@@ -713,7 +719,7 @@ def bad_layout_call(rank: int, world: int, kind: str):
         bias,
         impl="torch",
         reduction=reduction,
-        vocab_parallel_options=VocabParallelOptions(start, stop),
+        vocab_parallel_options=VocabParallelOptions(start, stop, reduce_dtype=reduce_dtype),
         return_stats=return_stats,
     )
 

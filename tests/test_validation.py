@@ -164,7 +164,27 @@ CASES = [
         r"^label_smoothing must be.*1\.5",
     ),
     ("label_smoothing-str", with_(label_smoothing="0.1"), ValueError, r"^label_smoothing must be"),
-    ("softcap-zero", with_(softcap=0.0), ValueError, r"^softcap must be None or a float > 0.*0\.0"),
+    (
+        "softcap-zero",
+        with_(softcap=0.0),
+        ValueError,
+        r"^softcap must be None or a finite float > 0.*0\.0",
+    ),
+    ("softcap-inf", with_(softcap=float("inf")), ValueError, r"^softcap must be.*finite.*inf"),
+    ("softcap-bool", with_(softcap=True), ValueError, r"^softcap must be.*True"),
+    ("label_smoothing-bool", with_(label_smoothing=True), ValueError, r"^label_smoothing.*True"),
+    (
+        "logit_scale-nan",
+        with_(logit_scale=float("nan")),
+        ValueError,
+        r"^logit_scale must be finite",
+    ),
+    (
+        "logit_scale-inf",
+        with_(logit_scale=float("inf")),
+        ValueError,
+        r"^logit_scale must be finite",
+    ),
     ("softcap-negative", with_(softcap=-5.0), ValueError, r"^softcap must be.*-5\.0"),
     ("softcap-str", with_(softcap="5"), ValueError, r"^softcap must be"),
     ("logit_scale-str", with_(logit_scale="2"), TypeError, r"^logit_scale must be a float"),
@@ -256,6 +276,35 @@ def test_bool_shift_means_one():
         rtol=0,
         atol=0,
     )
+
+
+def test_numpy_scalars_are_python_scalars():
+    np = pytest.importorskip("numpy")
+    args = good()
+    options = dict(shift=1, label_smoothing=0.1, logit_scale=0.5, softcap=3.0)
+    numpy_options = dict(
+        shift=np.int64(1),
+        label_smoothing=np.float32(0.1),
+        logit_scale=np.float64(0.5),
+        softcap=np.float32(3.0),
+    )
+    torch.testing.assert_close(
+        linear_cross_entropy(**args, **numpy_options),
+        linear_cross_entropy(**args, **{**options, "label_smoothing": float(np.float32(0.1))}),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_target_range_check_reads_only_the_shifted_targets():
+    """With ``shift=k`` the first k targets are never read: any value there is accepted."""
+    args = good()
+    reference = linear_cross_entropy(**args, shift=1)
+    args["targets"][:, 0] = -1
+    torch.testing.assert_close(linear_cross_entropy(**args, shift=1), reference, rtol=0, atol=0)
+    args["targets"][:, 1] = V
+    with pytest.raises(ValueError, match=r"^targets must be in \[0, 11\).*found 11"):
+        linear_cross_entropy(**args, shift=1)
 
 
 def test_validate_false_skips_the_target_range_check():

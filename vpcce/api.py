@@ -7,6 +7,7 @@ switch by changing the import.
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import zlib
 from typing import NamedTuple
@@ -114,7 +115,12 @@ def linear_cross_entropy(
                 linear_cross_entropy, e, c, targets, bias, vocab_parallel_options,
                 return_lse=return_lse, return_stats=return_stats, **options,
             )
-    shift = options["shift"] = int(shift) if isinstance(shift, bool) else shift
+    # plain Python scalars from here on (bool shift is 0 or 1; NumPy scalars as for F.cross_entropy)
+    shift = options["shift"] = int(shift) if isinstance(shift, numbers.Integral) else shift
+    for name in ("label_smoothing", "logit_scale", "softcap"):
+        value = options[name]
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            options[name] = float(value)
     vp = vocab_parallel_options
     if vp is not None and not isinstance(vp, VocabParallelOptions):
         raise TypeError(f"vocab_parallel_options must be VocabParallelOptions, got {type(vp).__name__}")
@@ -176,12 +182,13 @@ def loss_config(
         num_tokens = targets[..., shift:].numel() if targets.dim() else 1
         fingerprint = zlib.crc32(
             repr((reduction, shift, ignore_index, float(label_smoothing), softcap, float(logit_scale),
-                  vp.sequence_parallel, vp.reduce_e_grad, bias is not None, bool(stats))).encode()
+                  vp.sequence_parallel, vp.reduce_e_grad, str(vp.reduction_dtype(e.dtype)),
+                  bias is not None, bool(stats), str(e.dtype))).encode()
         )
         vocab_size = collectives.verify_layout(vp, num_tokens, fingerprint, c.shape[0], e.device)
         vocab_start = vp.start
-    if validate:
-        check_target_range(targets, vocab_size, ignore_index)
+    if validate:  # the targets that are read: those a shift pairs with a hidden state
+        check_target_range(targets[..., shift:] if targets.dim() else targets, vocab_size, ignore_index)
 
     return LossConfig(
         impl=backend, mode=mode, shift=shift, ignore_index=int(ignore_index), reduction=reduction,

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _is_real(x) -> bool:
+    """A Python or NumPy number, not a bool (a flag passed by mistake)."""
+    return isinstance(x, Real) and not isinstance(x, bool)
 
 
 def _require_tensor(name: str, x) -> None:
@@ -73,7 +81,7 @@ def check_inputs(
             raise TypeError(f"bias dtype {bias.dtype} does not match e dtype {e.dtype}")
         if bias.device != e.device:
             raise ValueError(f"bias is on {bias.device} but e is on {e.device}")
-    if isinstance(shift, bool) or not isinstance(shift, int):
+    if isinstance(shift, bool) or not isinstance(shift, Integral):
         raise TypeError(f"shift must be an int, got {shift!r}")
     max_shift = full_shape[-2] if len(full_shape) > 1 else 0
     if not 0 <= shift <= max_shift:
@@ -82,12 +90,15 @@ def check_inputs(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+    if not (_is_real(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be None or a float > 0, got {softcap!r}")
-    if not isinstance(logit_scale, (int, float)) or isinstance(logit_scale, bool):
+    # softcap s: s tanh(z / s) is 0 * inf at s = inf (no cap is softcap=None)
+    if softcap is not None and not (_is_real(softcap) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    if not _is_real(logit_scale):
         raise TypeError(f"logit_scale must be a float, got {logit_scale!r}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale!r}")
 
 
 def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:

@@ -76,7 +76,8 @@ def _check_rows(rows: list[list[int]], rank: int) -> int:
     if len({r[3] for r in rows}) > 1:
         raise LayoutError(
             "ranks disagree on the loss options (reduction, shift, ignore_index, label_smoothing, "
-            "softcap, logit_scale, sequence_parallel, reduce_e_grad, bias, return_stats) "
+            "softcap, logit_scale, sequence_parallel, reduce_e_grad, reduce_dtype, bias, "
+            "return_stats) or the inputs' dtype "
             f"(seen on rank {rank})"
         )
     shards = sorted((r[0], r[1], i) for i, r in enumerate(rows))
@@ -127,15 +128,15 @@ class PendingReduction:
 def start_hidden_grad_reduction(
     grad: torch.Tensor, opts: VocabParallelOptions, out_dtype: torch.dtype
 ) -> PendingReduction:
-    """Start summing the hidden-state gradient over the group, in ``opts.reduce_dtype``.
+    """Start summing the hidden-state gradient over the group, in ``opts.reduction_dtype``.
 
     The result, in ``out_dtype``, is the full gradient (all-reduce) or, under sequence
     parallelism, this rank's ``[n, ...]`` slice of it (reduce-scatter along dim 0). A ``grad``
-    already in ``opts.reduce_dtype`` is reduced in place of a copy. The collective is asynchronous
+    already in that dtype is reduced in place of a copy. The collective is asynchronous
     so the caller can overlap it with the classifier-gradient work that remains.
     """
     world = world_size(opts)
-    buf = grad.to(opts.reduce_dtype).contiguous()
+    buf = grad.to(opts.reduction_dtype(out_dtype)).contiguous()
     if opts.sequence_parallel:
         out = torch.empty(
             (buf.shape[0] // world, *buf.shape[1:]), dtype=buf.dtype, device=buf.device

@@ -34,7 +34,8 @@ class VocabParallelOptions:
     ``sequence_parallel``: hidden states arrive sharded along tokens (``[N / W, D]`` per rank, in
     rank order) with full targets; forward all-gathers them and backward reduce-scatters their
     gradient.
-    ``reduce_dtype``: dtype of the hidden-gradient reduction (fp32 default; bf16 halves the bytes).
+    ``reduce_dtype``: dtype of the hidden-gradient reduction (fp32 default; bf16 halves the bytes)
+    for 16- and 32-bit inputs; fp64 inputs are reduced in fp64 (`reduction_dtype`).
     """
 
     start: int
@@ -56,6 +57,10 @@ class VocabParallelOptions:
             )
         if self.reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"reduce_dtype must be fp32, bf16 or fp16, got {self.reduce_dtype}")
+
+    def reduction_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the hidden gradient of ``input_dtype`` inputs is summed in."""
+        return torch.float64 if input_dtype == torch.float64 else self.reduce_dtype
 
     @classmethod
     def from_vocab(cls, vocab_size: int, group: dist.ProcessGroup | None = None, **kwargs):
