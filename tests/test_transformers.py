@@ -197,19 +197,73 @@ def test_logits_paths():
     assert model(**data).logits is None
 
 
-def test_shift_labels_and_tuple_output():
+def test_shift_labels():
     model, ref = pair("qwen2")
     data = batch(6)
     labels = data.pop("labels")
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
     out, want = model(**data, shift_labels=shifted, labels=labels), ref(**data, labels=labels)
     assert rel_err(out.loss, want.loss) <= TOL
-    got = model(**data, labels=labels, return_dict=False)
-    full = ref(**data, labels=labels, return_dict=False)
-    assert len(got) == len(full) - 1  # (loss, logits, ...) without the logits
-    assert rel_err(got[0], full[0]) <= TOL
-    for g, f in zip(got[1:], full[2:], strict=True):
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mixtral"])
+def test_tuple_output(arch):
+    """``return_dict=False``: the model's tuple without its logits, wherever they are in it
+    (mixtral: ``(loss, aux_loss, logits, ...)``)."""
+    model, ref = pair(arch)
+    data = batch(6)
+    got, full = model(**data, return_dict=False), ref(**data, return_dict=False)
+    logits = [i for i, x in enumerate(full) if torch.is_tensor(x) and x.shape[-1:] == (VOCAB,)]
+    assert len(logits) == 1 and len(got) == len(full) - 1
+    rest = [x for i, x in enumerate(full) if i != logits[0]]
+    for g, f in zip(got, rest, strict=True):
         assert type(g) is type(f)
+        if torch.is_tensor(f):
+            assert g.shape == f.shape and rel_err(g, f) <= TOL
+
+
+def test_a_transform_the_forward_does_not_apply_is_refused():
+    """A config key that names a transform the forward ignores (MPT's ``logit_scale``) is found
+    at the first training call; one that is not a number is not a transform."""
+    model = patch(make_model("llama", logit_scale=0.5), impl="torch")
+    with pytest.raises(ValueError, match=r"transforms .* 8\.0 into 8\.0 .* config says 4\.0"):
+        model(**batch(3))
+    assert logit_transform(transformers.LlamaConfig(logit_scale="inv_sqrt_d_model")) == (None, 1.0)
+    ref = make_model("llama", logit_scale=0.5)
+    model = copy.deepcopy(ref)
+    model.config.logit_scale = None  # as the error message suggests
+    patch(model, impl="torch")
+    assert rel_err(model(**batch(3)).loss, ref(**batch(3)).loss) <= TOL
+
+
+def test_a_loss_that_is_not_finite_stays_so():
+    model, ref = pair("llama")
+    with torch.no_grad():
+        for m in (model, ref):
+            m.lm_head.weight[3, 0] = float("nan")
+    assert torch.isnan(model(**batch(4)).loss) and torch.isnan(ref(**batch(4)).loss)
+
+
+def test_data_parallel_replicas_are_refused():
+    model, _ = pair("llama")
+    with pytest.raises(RuntimeError, match="cannot be replicated by nn.DataParallel"):
+        model._replicate_for_data_parallel()  # what torch.nn.parallel.replicate calls
+    unpatch(model)._replicate_for_data_parallel()
+
+
+def test_a_forward_computing_its_loss_inline_is_refused():
+    class InlineLoss(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            hidden = self.model(input_ids=input_ids).last_hidden_state
+            logits = self.lm_head(hidden)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
+
+    model = patch(InlineLoss(make_model("llama").config), impl="torch")
+    data = batch(5)
+    with pytest.raises(RuntimeError, match="did not compute its loss through") as info:
+        model(input_ids=data["input_ids"], labels=data["labels"])
+    assert info.value.__cause__ is not None  # the model's own error on the stand-in, chained
 
 
 def test_patch_by_class_type_and_config():

@@ -7,26 +7,38 @@ copied; three hooks, all on the instance:
 - ``model.forward`` is wrapped. A call with ``labels`` (in training, and in eval unless
   ``eval_logits=True``) runs the model's own forward with the same arguments while
 - the output embedding (``get_output_embeddings()``, an ``nn.Linear``), called by that forward
-  with the hidden states, computes the vpcce loss instead of the logits and returns it as a
-  ``[1, 1, 1]`` stand-in, and
+  with the hidden states, computes the vpcce loss instead of the logits and returns a
+  ``[1, 1, 1]`` stand-in that carries its gradient, and
 - ``model.loss_function``, called by that forward with the stand-in, returns the loss.
 
 So the model's code around the head runs unchanged: the decoder, scaling of the hidden states
 before the head, ``logits_to_keep``, auxiliary losses added to the loss (MoE router losses). The
-output has ``logits=None``. Without labels, or in eval with ``eval_logits=True``, the original
-forward runs untouched (real logits, transformers' own loss).
+output has ``logits=None`` (``return_dict=False``: the model's tuple without the logits). Without
+labels, or in eval with ``eval_logits=True``, the original forward runs untouched (real logits,
+transformers' own loss).
 
 The loss is transformers' ``ForCausalLMLoss``: labels shifted by one (``shift_labels`` taken as
 given), ``ignore_index`` (-100) excluded, the mean over the other tokens, or their sum divided by
 ``num_items_in_batch`` when the caller passes it (gradient accumulation, as the Trainer does).
 vpcce computes the logits in fp32 from the head's operands; transformers rounds them to the model
-dtype first, so bf16 models differ by that rounding.
+dtype first, so bf16 models differ by that rounding. Where every label is ignored the loss is 0
+with zero gradients (transformers: NaN). ``shift_labels`` is honoured also on versions whose
+loss ignores it (4.48).
 
 Logit transformations that forwards apply after the head are read from the (text) config:
 ``final_logit_softcapping`` / ``logits_soft_cap`` (Gemma 2/3 and others: ``s * tanh(z / s)``),
 ``logit_scale`` (Cohere: ``z * scale``), ``logits_scaling`` (Granite: ``z / scaling``). When the
 config names none of them, the forward must hand the head's output to its loss function
-unchanged; a model that transforms it some other way is refused at its first training call.
+unchanged. The stand-in holds a fixed probe value, and at a model's first training call (one
+host read) the forward must have made of it what the config's transform makes of it: a model
+that transforms it some other way, or not at all where the config names a transform (MPT
+ignores its ``logit_scale``), is refused. Not detected: a forward that changes the logits
+depending on their shape (the stand-in is ``[1, 1, 1]``), such as one that drops padded
+vocabulary columns.
+
+Not supported: ``nn.DataParallel`` (the replicas would share the hooks; refused). On
+transformers < 4.50 the instance's class is swapped for a same-named subclass, so pickling the
+whole module (``torch.save(model)``) fails; save its ``state_dict``, or `unpatch` first.
 
 FSDP2: the loss is computed inside the head's forward, where FSDP2 has gathered the weight (a
 plain tensor); the stand-in is the head's output, which FSDP2 hooks to gather the weight again
@@ -38,6 +50,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +82,22 @@ def logit_transform(config) -> tuple[float | None, float]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = next((getattr(text, k) for k in _SOFTCAP_KEYS if getattr(text, k, None)), None)
     scale = 1.0
-    if getattr(text, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+    # numbers only: MPT's config takes logit_scale="inv_sqrt_d_model", which its forward ignores
+    if _is_number(getattr(text, "logit_scale", None)):  # Cohere: logits * logit_scale
         scale *= float(text.logit_scale)
-    if getattr(text, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+    if _is_number(getattr(text, "logits_scaling", None)):  # Granite: logits / logits_scaling
         scale /= float(text.logits_scaling)
     return (None if softcap is None else float(softcap)), scale
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _transformed(state: _State, z: float) -> float:
+    """What the config's logit transform makes of a logit ``z``."""
+    z *= state.logit_scale
+    return z if state.softcap is None else state.softcap * math.tanh(z / state.softcap)
 
 
 @dataclass
@@ -83,8 +108,11 @@ class _Request:
     shift_labels: torch.Tensor | None
     ignore_index: int
     num_items_in_batch: torch.Tensor | int | None
-    output: torch.Tensor | None = None  # the head's [1, 1, 1] stand-in holding the loss
-    loss_taken: bool = False
+    loss: torch.Tensor | None = None  # the head's loss
+    output: torch.Tensor | None = None  # the head's [1, 1, 1] stand-in (`_stand_in`)
+    logits: torch.Tensor | None = None  # what the forward gave its loss function for logits
+    loss_called: bool = False  # the forward called its loss function
+    loss_taken: bool = False  # ... and it returned vpcce's loss
 
 
 class _State:
@@ -98,6 +126,7 @@ class _State:
         self.eval_logits = eval_logits
         self.request: _Request | None = None
         self.softcap, self.logit_scale = logit_transform(model.config)
+        self.transform_checked = False  # `_check_transform` ran (it reads a value on the host)
         params = list(inspect.signature(forward).parameters)
         self.labels_pos = params.index("labels") if "labels" in params else None
 
@@ -144,9 +173,31 @@ def _head_forward(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     )
     if n is not None:
         loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
-    # a copy, not a view: FSDP2 hooks the module's output, and views of it may be changed in place
-    request.output = loss.reshape(1, 1, 1).clone()
+    request.loss = loss
+    request.output = _stand_in(loss)
     return request.output
+
+
+# The stand-in's value where the loss is finite: the forward's transform of it shows whether that
+# is the one the config names (`_check_transform`), whatever the loss.
+_PROBE = 8.0
+
+
+def _stand_in(loss: torch.Tensor) -> torch.Tensor:
+    """The head's output: ``[1, 1, 1]``, `_PROBE` with the loss's gradient (the loss itself where
+    it is not finite). A fresh tensor, not a view: FSDP2 hooks the module's output, and views of
+    it may be changed in place. No host synchronization."""
+    probe = (loss - loss.detach()).reshape(1, 1, 1) + _PROBE
+    return torch.where(torch.isfinite(loss), probe, loss.reshape(1, 1, 1))
+
+
+def _loss_of(request: _Request) -> torch.Tensor:
+    """The loss, through the stand-in (its gradient reaches the head's output): a fresh scalar,
+    since the caller may add to it in place."""
+    through = request.output.sum()
+    return torch.where(
+        torch.isfinite(request.loss), through - _PROBE + request.loss.detach(), through
+    )
 
 
 class _LossFunction:
@@ -161,6 +212,7 @@ class _LossFunction:
         request = state.request
         if request is None:
             return self.original(*args, **kwargs)
+        request.loss_called = True
         logits = args[0] if args else kwargs.get("logits")
         if request.output is None:
             raise RuntimeError(
@@ -174,8 +226,37 @@ class _LossFunction:
                 "(final_logit_softcapping, logits_soft_cap, logit_scale, logits_scaling); "
                 "vpcce would compute a different loss"
             )
+        if not state.transform_checked and not torch.compiler.is_compiling():
+            _check_transform(state, request, logits)
+        request.logits = logits
         request.loss_taken = True
-        return request.output.sum()  # a fresh scalar: the caller may add to it in place
+        return _loss_of(request)
+
+
+def _check_transform(state: _State, request: _Request, logits) -> None:
+    """Once per model: the forward transformed the stand-in as the config says vpcce should.
+    One host read (skipped where the loss is not finite: the stand-in is not the probe)."""
+    if not bool(torch.isfinite(request.loss)):
+        return
+    want = _transformed(state, _PROBE)
+    got = logits.detach().double().reshape(-1) if torch.is_tensor(logits) else None
+    if got is None or got.numel() != 1 or not math.isclose(float(got), want, rel_tol=1e-5):
+        seen = (
+            f"{type(logits).__name__}"
+            if got is None
+            else f"{float(got)}"
+            if got.numel() == 1
+            else f"shape {tuple(logits.shape)}"
+        )
+        raise ValueError(
+            f"{type(state.model).__name__}.forward transforms the output embedding's output "
+            f"{_PROBE} into {seen} before its loss, but its config says {want} (softcap "
+            f"{state.softcap}, logit scale {state.logit_scale}, read from "
+            "final_logit_softcapping, logits_soft_cap, logit_scale, logits_scaling); vpcce "
+            "would compute a different loss. (A config key the forward ignores can be set to "
+            "None.)"
+        )
+    state.transform_checked = True
 
 
 def _install_loss_function(model, fn) -> None:
@@ -216,10 +297,12 @@ def _hook_head(model, state: _State) -> nn.Linear:
     return head
 
 
-def _replace_logits(out):
-    """The model's output with ``logits=None`` (a ModelOutput cannot drop a key in place)."""
-    if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
-        return (out[0], *out[2:])
+def _replace_logits(out, request: _Request):
+    """The model's output without its logits (a ModelOutput cannot drop a key in place)."""
+    if isinstance(out, tuple):  # return_dict=False: (loss, aux_loss?, logits, ...)
+        drop = [i for i, x in enumerate(out) if x is request.logits or x is request.output]
+        drop = drop[:1] or [1]  # the logits as the loss function got them, else after the loss
+        return tuple(x for i, x in enumerate(out) if i not in drop)
     return type(out)(**{k: v for k, v in out.items() if k != "logits"})
 
 
@@ -237,16 +320,22 @@ def _patched_forward(state: _State, *args, **kwargs):
         ignore_index=kwargs.get("ignore_index", -100),
         num_items_in_batch=kwargs.get("num_items_in_batch"),
     )
+    inline = (
+        f"{type(model).__name__}.forward did not compute its loss through self.loss_function; "
+        "vpcce's transformers patch needs models that do"
+    )
     try:
         out = state.forward(*args, **kwargs)
+    except Exception as err:
+        # a forward that computes its loss itself fails on the head's [1, 1, 1] stand-in
+        if request.output is not None and not request.loss_called:
+            raise RuntimeError(f"{inline} (it failed on vpcce's stand-in for the logits)") from err
+        raise
     finally:
         state.request = None
     if not request.loss_taken:
-        raise RuntimeError(
-            f"{type(model).__name__}.forward did not compute its loss through "
-            "self.loss_function; vpcce's transformers patch needs models that do"
-        )
-    return _replace_logits(out)
+        raise RuntimeError(inline)
+    return _replace_logits(out, request)
 
 
 def _patch_instance(model, options: dict, eval_logits: bool):
@@ -270,7 +359,17 @@ def _patch_instance(model, options: dict, eval_logits: bool):
     forward = functools.wraps(state.forward)(functools.partial(_patched_forward, state))
     model._vpcce_state = state
     model.forward = forward
+    model._replicate_for_data_parallel = functools.partial(_no_replicas, model)
     return model
+
+
+def _no_replicas(model):
+    """nn.DataParallel's replicas would share the hooks, bound to the original model and head."""
+    raise RuntimeError(
+        f"a vpcce-patched {type(model).__name__} cannot be replicated by nn.DataParallel (the "
+        "replicas would run the original model's hooks); use DistributedDataParallel or FSDP "
+        "(torchrun), or unpatch the model"
+    )
 
 
 def _causal_lm_class(model_type: str):
@@ -346,7 +445,7 @@ def unpatch(model_or_class):
     head = model.get_output_embeddings()
     if head.__dict__.get("_vpcce_state") is state:
         del head.forward, head._vpcce_state
-    del model.forward
+    del model.forward, model._replicate_for_data_parallel
     if state.instance_forward is not None:
         model.forward = state.instance_forward
     if "_vpcce_loss_function" in vars(model):
