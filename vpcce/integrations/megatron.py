@@ -20,7 +20,9 @@ argmax (kept only for models with MTP heads); anything else computes the logits 
 
 The loss matches ``LanguageModule.compute_language_model_loss``: labels ``[b, s]`` are
 transposed to ``[s, b]`` (the token order of the hidden states ``[s, b, h]``), the per-token fp32
-loss comes back as ``[b, s]``; ``loss_mask`` stays the caller's job. The vocabulary layout is
+loss comes back as ``[b, s]``; ``loss_mask`` stays the caller's job. A label of -100 gives loss 0
+and no gradient, where Megatron's gives that token's LSE (its datasets emit no -100: pad labels
+are 0 and masked; under ``loss_mask`` the two agree). The vocabulary layout is
 Megatron's (``VocabParallelOptions.from_megatron`` over the output layer's tensor-parallel group;
 padded rows take part in the softmax). Sequence parallelism follows the output layer: hidden
 ``[s/tp, b, h]`` is all-gathered in forward and its gradient reduce-scattered; without it the
