@@ -244,6 +244,18 @@ def test_a_loss_that_is_not_finite_stays_so():
     assert torch.isnan(model(**batch(4)).loss) and torch.isnan(ref(**batch(4)).loss)
 
 
+def test_compiled_whole_graph():
+    """``torch.compile(fullgraph=True)`` of a patched model (the transform check is eager-only)."""
+    model, ref = pair("gemma2")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    data = batch(2)
+    out, want = compiled(**data), ref(**data)
+    assert out.logits is None and rel_err(out.loss, want.loss) <= TOL
+    out.loss.backward()
+    want.loss.backward()
+    assert_grads_match(model, ref, "compiled")
+
+
 def test_data_parallel_replicas_are_refused():
     model, _ = pair("llama")
     with pytest.raises(RuntimeError, match="cannot be replicated by nn.DataParallel"):
