@@ -20,7 +20,7 @@ from vpcce.function import LossConfig, _LinearCrossEntropy
 from vpcce.modes import BackwardMode, resolve_filter_eps, resolve_impl, tail_options
 from vpcce.parallel import collectives
 from vpcce.parallel.options import VocabParallelOptions
-from vpcce.validation import check_inputs, check_target_range
+from vpcce.validation import check_inputs, check_target_range, is_number
 
 # Tensor types that are never DTensors (the fast path skips the DTensor adapter's import).
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
@@ -119,7 +119,7 @@ def linear_cross_entropy(
     shift = options["shift"] = int(shift) if isinstance(shift, numbers.Integral) else shift
     for name in ("label_smoothing", "logit_scale", "softcap"):
         value = options[name]
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if is_number(value):
             options[name] = float(value)
     vp = vocab_parallel_options
     if vp is not None and not isinstance(vp, VocabParallelOptions):

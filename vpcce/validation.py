@@ -11,8 +11,8 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _is_real(x) -> bool:
-    """A Python or NumPy number, not a bool (a flag passed by mistake)."""
+def is_number(x) -> bool:
+    """A Python or NumPy real number, not a bool (a flag passed by mistake)."""
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
@@ -90,12 +90,12 @@ def check_inputs(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (_is_real(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
+    if not (is_number(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
     # softcap s: s tanh(z / s) is 0 * inf at s = inf (no cap is softcap=None)
-    if softcap is not None and not (_is_real(softcap) and 0 < softcap < math.inf):
+    if softcap is not None and not (is_number(softcap) and 0 < softcap < math.inf):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
-    if not _is_real(logit_scale):
+    if not is_number(logit_scale):
         raise TypeError(f"logit_scale must be a float, got {logit_scale!r}")
     if not math.isfinite(logit_scale):
         raise ValueError(f"logit_scale must be finite, got {logit_scale!r}")

@@ -51,13 +51,13 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vpcce.api import linear_cross_entropy
+from vpcce.validation import is_number
 
 __all__ = ["logit_transform", "patch", "unpatch"]
 
@@ -83,15 +83,11 @@ def logit_transform(config) -> tuple[float | None, float]:
     softcap = next((getattr(text, k) for k in _SOFTCAP_KEYS if getattr(text, k, None)), None)
     scale = 1.0
     # numbers only: MPT's config takes logit_scale="inv_sqrt_d_model", which its forward ignores
-    if _is_number(getattr(text, "logit_scale", None)):  # Cohere: logits * logit_scale
+    if is_number(getattr(text, "logit_scale", None)):  # Cohere: logits * logit_scale
         scale *= float(text.logit_scale)
-    if _is_number(getattr(text, "logits_scaling", None)):  # Granite: logits / logits_scaling
+    if is_number(getattr(text, "logits_scaling", None)):  # Granite: logits / logits_scaling
         scale /= float(text.logits_scaling)
     return (None if softcap is None else float(softcap)), scale
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _transformed(state: _State, z: float) -> float:
