@@ -147,6 +147,8 @@ CASES = [
         r"^shift must be in \[0, 0\]",
     ),
     ("shift-float", with_(shift=1.0), TypeError, r"^shift must be an int.*1\.0"),
+    ("ignore_index-bool", with_(ignore_index=True), TypeError, r"^ignore_index must be an int.*True"),
+    ("ignore_index-float", with_(ignore_index=-100.0), TypeError, r"^ignore_index must be an int"),
     # options
     ("reduction", with_(reduction="avg"), ValueError, r"^reduction must be one of.*'avg'"),
     ("reduction-None", with_(reduction=None), ValueError, r"^reduction must be one of.*None"),
@@ -283,6 +285,7 @@ def test_numpy_scalars_are_python_scalars():
     args = good()
     options = dict(shift=1, label_smoothing=0.1, logit_scale=0.5, softcap=3.0)
     numpy_options = dict(
+        ignore_index=np.int32(-100),
         shift=np.int64(1),
         label_smoothing=np.float32(0.1),
         logit_scale=np.float64(0.5),

@@ -117,6 +117,8 @@ def linear_cross_entropy(
             )
     # plain Python scalars from here on (bool shift is 0 or 1; NumPy scalars as for F.cross_entropy)
     shift = options["shift"] = int(shift) if isinstance(shift, numbers.Integral) else shift
+    if isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
+        ignore_index = options["ignore_index"] = int(ignore_index)
     for name in ("label_smoothing", "logit_scale", "softcap"):
         value = options[name]
         if is_number(value):
@@ -164,8 +166,9 @@ def loss_config(
     world = 1 if vp is None else collectives.world_size(vp)
     sp_world = world if vp is not None and vp.sequence_parallel else 1
     check_inputs(
-        e, c, targets, bias, shift=shift, reduction=reduction, label_smoothing=label_smoothing,
-        softcap=softcap, logit_scale=logit_scale, sequence_parallel_world=sp_world,
+        e, c, targets, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale,
+        sequence_parallel_world=sp_world,
     )
     mode = BackwardMode(
         resolve_filter_eps(filter_eps), bool(filter_e_grad), bool(filter_c_grad),

@@ -179,6 +179,7 @@ def _check(e, c, targets, bias, a: dict) -> None:
         targets,
         bias,
         shift=a["shift"],
+        ignore_index=a["ignore_index"],
         reduction=a["reduction"],
         label_smoothing=a["label_smoothing"],
         softcap=a["softcap"],

@@ -28,6 +28,7 @@ def check_inputs(
     bias,
     *,
     shift,
+    ignore_index,
     reduction,
     label_smoothing,
     softcap,
@@ -83,6 +84,8 @@ def check_inputs(
             raise ValueError(f"bias is on {bias.device} but e is on {e.device}")
     if isinstance(shift, bool) or not isinstance(shift, Integral):
         raise TypeError(f"shift must be an int, got {shift!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     max_shift = full_shape[-2] if len(full_shape) > 1 else 0
     if not 0 <= shift <= max_shift:
         raise ValueError(

@@ -29,8 +29,8 @@ Logit transformations that forwards apply after the head are read from the (text
 ``final_logit_softcapping`` / ``logits_soft_cap`` (Gemma 2/3 and others: ``s * tanh(z / s)``),
 ``logit_scale`` (Cohere: ``z * scale``), ``logits_scaling`` (Granite: ``z / scaling``). When the
 config names none of them, the forward must hand the head's output to its loss function
-unchanged. The stand-in holds a fixed probe value, and at a model's first training call (one
-host read) the forward must have made of it what the config's transform makes of it: a model
+unchanged. The stand-in holds a fixed probe value, and at a model's first training call (two
+host reads) the forward must have made of it what the config's transform makes of it: a model
 that transforms it some other way, or not at all where the config names a transform (MPT
 ignores its ``logit_scale``), is refused. Not detected: a forward that changes the logits
 depending on their shape (the stand-in is ``[1, 1, 1]``), such as one that drops padded
@@ -231,19 +231,17 @@ class _LossFunction:
 
 def _check_transform(state: _State, request: _Request, logits) -> None:
     """Once per model: the forward transformed the stand-in as the config says vpcce should.
-    One host read (skipped where the loss is not finite: the stand-in is not the probe)."""
+    Two host reads, once (skipped where the loss is not finite: the stand-in is not the probe)."""
     if not bool(torch.isfinite(request.loss)):
         return
     want = _transformed(state, _PROBE)
-    got = logits.detach().double().reshape(-1) if torch.is_tensor(logits) else None
-    if got is None or got.numel() != 1 or not math.isclose(float(got), want, rel_tol=1e-5):
-        seen = (
-            f"{type(logits).__name__}"
-            if got is None
-            else f"{float(got)}"
-            if got.numel() == 1
-            else f"shape {tuple(logits.shape)}"
-        )
+    if not torch.is_tensor(logits):
+        seen = type(logits).__name__
+    elif logits.numel() != 1:
+        seen = f"a tensor of shape {tuple(logits.shape)}"
+    else:
+        seen = float(logits.detach().double())
+    if not (isinstance(seen, float) and math.isclose(seen, want, rel_tol=1e-5)):
         raise ValueError(
             f"{type(state.model).__name__}.forward transforms the output embedding's output "
             f"{_PROBE} into {seen} before its loss, but its config says {want} (softcap "
