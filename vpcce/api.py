@@ -20,7 +20,7 @@ from vpcce.function import LossConfig, _LinearCrossEntropy
 from vpcce.modes import BackwardMode, resolve_filter_eps, resolve_impl, tail_options
 from vpcce.parallel import collectives
 from vpcce.parallel.options import VocabParallelOptions
-from vpcce.validation import check_inputs, check_target_range, is_number
+from vpcce.validation import check_inputs, check_target_range, is_integer, is_number
 
 # Tensor types that are never DTensors (the fast path skips the DTensor adapter's import).
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
@@ -117,7 +117,7 @@ def linear_cross_entropy(
             )
     # plain Python scalars from here on (bool shift is 0 or 1; NumPy scalars as for F.cross_entropy)
     shift = options["shift"] = int(shift) if isinstance(shift, numbers.Integral) else shift
-    if isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
+    if is_integer(ignore_index):
         ignore_index = options["ignore_index"] = int(ignore_index)
     for name in ("label_smoothing", "logit_scale", "softcap"):
         value = options[name]

@@ -11,6 +11,11 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def is_integer(x) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
 def is_number(x) -> bool:
     """A Python or NumPy real number, not a bool (a flag passed by mistake)."""
     return isinstance(x, Real) and not isinstance(x, bool)
@@ -82,9 +87,9 @@ def check_inputs(
             raise TypeError(f"bias dtype {bias.dtype} does not match e dtype {e.dtype}")
         if bias.device != e.device:
             raise ValueError(f"bias is on {bias.device} but e is on {e.device}")
-    if isinstance(shift, bool) or not isinstance(shift, Integral):
+    if not is_integer(shift):
         raise TypeError(f"shift must be an int, got {shift!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+    if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     max_shift = full_shape[-2] if len(full_shape) > 1 else 0
     if not 0 <= shift <= max_shift:
