@@ -14,9 +14,12 @@ def test_ratio_times_each_repetition_in_turn(tmp_path, capsys):
     )  # fmt: skip
     assert [r["entropy"] for r in rows] == [1.0, 5.0]
     for r in rows:
-        assert {k: len(v) for k, v in r["ms"].items()} == {"gemm": 3, "fw": 3, "fw+bw": 3}
+        timed = {k: len(v) for k, v in r["ms"].items()}
+        assert timed == {"gemm": 3, "4gemm": 3, "fw": 3, "fw+bw": 3}
         fw = sorted(f / g for f, g in zip(r["ms"]["fw"], r["ms"]["gemm"], strict=True))
         assert r["ratio"]["fw"] == fw[1]  # the median of the per-repetition ratios
+        four = sorted(f / g for f, g in zip(r["ms"]["fw+bw"], r["ms"]["4gemm"], strict=True))
+        assert r["ratio"]["fw+bw/4gemm"] == four[1]
         assert all(math.isfinite(x) and x > 0 for x in r["ratio"].values())
     assert json.loads(out.read_text())["rows"][1]["ratio"] == rows[1]["ratio"]
     table = capsys.readouterr().out.strip().splitlines()
@@ -27,7 +30,8 @@ def test_ratio_times_the_against_mode_in_turn(capsys):
     """``--against``: that filter_eps's fw+bw in every repetition, and the median difference."""
     rows = ratio.main(
         ["--n", "48", "--d", "16", "--v", "300", "--entropies", "1", "--reps", "3",
-         "--impl", "torch", "--device", "cpu", "--filter-eps", "tail", "--against", "none"]
+         "--impl", "torch", "--device", "cpu", "--filter-eps", "tail", "--against", "none",
+         "--idle-ms", "1"]
     )  # fmt: skip
     ms = rows[0]["ms"]
     assert len(ms["against"]) == 3

@@ -9,6 +9,10 @@ back, the GEMM ``e @ c.T``, vpcce's forward (inputs requiring grad) and its forw
 each with CUDA events (``perf_counter`` on the CPU), and takes the median over repetitions of
 the ratios fw / GEMM and fw+bw / 4 GEMM. Neither is the ratio at one fixed clock: a GEMM timed
 right after a fw+bw ran up to 8% faster than in the bench's own run of GEMMs (Llama head).
+So every repetition also times four GEMMs back to back (``4gemm``), the 8NVD floor run for as
+long as a fw+bw runs, and reports fw+bw / 4gemm beside fw+bw / 4 GEMM. ``--idle-ms`` lets the GPU
+idle that long before each timed op, so that each starts from the same power state rather than
+from what ran before it (the op after four GEMMs runs slower than the op after one).
 
 Options are `linear_cross_entropy`'s (``--impl``, ``--filter-eps``). ``--against none`` also
 times the fw+bw of that ``filter_eps`` in every repetition, before or after the other in turn,
@@ -56,10 +60,13 @@ def _timer(device: torch.device):
 _NOT_TIMED = object()
 
 
-def measure(e, c, y, *, reps: int, warmup: int = 3, against=_NOT_TIMED, **options) -> dict:
+def measure(
+    e, c, y, *, reps: int, warmup: int = 3, against=_NOT_TIMED, idle_ms: float = 0.0, **options
+) -> dict:
     """Per-repetition times (ms) of the GEMM, vpcce's fw and fw+bw, in turn; the medians of
     the per-repetition ratios. ``against``: a ``filter_eps`` whose fw+bw is timed too, and the
-    median of the per-repetition differences ``fw+bw - against``."""
+    median of the per-repetition differences ``fw+bw - against``. ``idle_ms``: the GPU waits
+    that long, idle, before each timed op."""
     e_, c_ = e.detach().requires_grad_(), c.detach().requires_grad_()
 
     def fw_bw(**opts):
@@ -67,6 +74,7 @@ def measure(e, c, y, *, reps: int, warmup: int = 3, against=_NOT_TIMED, **option
 
     ops = {
         "gemm": lambda: e @ c.T,
+        "4gemm": lambda: [e @ c.T for _ in range(4)][-1],
         "fw": lambda: linear_cross_entropy(e_, c_, y, **options),
         "fw+bw": fw_bw(**options),
     }
@@ -83,6 +91,10 @@ def measure(e, c, y, *, reps: int, warmup: int = 3, against=_NOT_TIMED, **option
         # runs is faster (H200, Llama head: the same exact backward twice differed by +4.8 ms)
         order = names if rep % 2 == 0 or "against" not in ops else [*names[:-2], *names[:-3:-1]]
         for name in order:
+            if idle_ms:
+                if e.device.type == "cuda":
+                    torch.cuda.synchronize(e.device)
+                time.sleep(idle_ms / 1e3)
             pending[name].append(time_(ops[name]))
     if e.device.type == "cuda":
         torch.cuda.synchronize(e.device)
@@ -91,6 +103,9 @@ def measure(e, c, y, *, reps: int, warmup: int = 3, against=_NOT_TIMED, **option
         "fw": statistics.median(f / g for f, g in zip(ms["fw"], ms["gemm"], strict=True)),
         "fw+bw": statistics.median(
             f / (4 * g) for f, g in zip(ms["fw+bw"], ms["gemm"], strict=True)
+        ),
+        "fw+bw/4gemm": statistics.median(
+            f / g for f, g in zip(ms["fw+bw"], ms["4gemm"], strict=True)
         ),
     }
     out = {"ms": ms, "median_ms": {k: statistics.median(v) for k, v in ms.items()}, "ratio": ratio}
@@ -110,6 +125,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--impl", default="auto")
     parser.add_argument("--filter-eps", default="auto", help='"auto", "tail", "none" or a float')
     parser.add_argument("--against", default=None, help="a --filter-eps to time fw+bw against")
+    parser.add_argument("--idle-ms", type=float, default=0.0, help="idle GPU before each op")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -121,7 +137,7 @@ def main(argv=None) -> list[dict]:
         batch = lm_like(args.n, args.d, args.v, entropy=entropy, dtype=dtype, device=args.device)
         got = measure(
             batch.e, batch.c, batch.targets, reps=args.reps, impl=args.impl, filter_eps=eps,
-            **against,
+            idle_ms=args.idle_ms, **against,
         )  # fmt: skip
         rows.append(dict(n=args.n, d=args.d, v=args.v, entropy=entropy, **got))
         del batch
@@ -130,15 +146,17 @@ def main(argv=None) -> list[dict]:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
     extra = "" if args.against is None else f" {args.against} fw+bw ms | difference ms |"
     print(
-        "| N × D × V | entropy | GEMM ms | fw ms | fw+bw ms | fw / GEMM | fw+bw / 4 GEMM |" + extra
+        "| N × D × V | entropy | GEMM ms | 4 GEMMs ms | fw ms | fw+bw ms | fw / GEMM "
+        "| fw+bw / 4 GEMM | fw+bw / 4 GEMMs |" + extra
     )
-    print("|---|---|---|---|---|---|---|" + "---|" * extra.count("|"))
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * extra.count("|"))
     for r in rows:
         t, q = r["median_ms"], r["ratio"]
         more = "" if not extra else f" {t['against']:.2f} | {r['difference_ms']:+.2f} |"
         print(
             f"| {r['n']} × {r['d']} × {r['v']} | {r['entropy']:g} | {t['gemm']:.2f} | "
-            f"{t['fw']:.2f} | {t['fw+bw']:.2f} | {q['fw']:.3f} | {q['fw+bw']:.3f} |" + more
+            f"{t['4gemm']:.2f} | {t['fw']:.2f} | {t['fw+bw']:.2f} | {q['fw']:.3f} | "
+            f"{q['fw+bw']:.3f} | {q['fw+bw/4gemm']:.3f} |" + more
         )
     return rows
 
