@@ -21,6 +21,8 @@ def test_ratio_times_each_repetition_in_turn(tmp_path, capsys):
         four = sorted(f / g for f, g in zip(r["ms"]["fw+bw"], r["ms"]["4gemm"], strict=True))
         assert r["ratio"]["fw+bw/4gemm"] == four[1]
         assert all(math.isfinite(x) and x > 0 for x in r["ratio"].values())
+        assert {k: len(v) for k, v in r["host_ms"].items()} == timed
+        assert r["median_host_ms"]["fw"] == sorted(r["host_ms"]["fw"])[1]
     assert json.loads(out.read_text())["rows"][1]["ratio"] == rows[1]["ratio"]
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| N × D × V") and len(table) == 2 + len(rows)
@@ -31,7 +33,7 @@ def test_ratio_times_the_against_mode_in_turn(capsys):
     rows = ratio.main(
         ["--n", "48", "--d", "16", "--v", "300", "--entropies", "1", "--reps", "3",
          "--impl", "torch", "--device", "cpu", "--filter-eps", "tail", "--against", "none",
-         "--idle-ms", "1"]
+         "--idle-ms", "1", "--lead-ms", "1"]
     )  # fmt: skip
     ms = rows[0]["ms"]
     assert len(ms["against"]) == 3

@@ -12,7 +12,13 @@ right after a fw+bw ran up to 8% faster than in the bench's own run of GEMMs (Ll
 So every repetition also times four GEMMs back to back (``4gemm``), the 8NVD floor run for as
 long as a fw+bw runs, and reports fw+bw / 4gemm beside fw+bw / 4 GEMM. ``--idle-ms`` lets the GPU
 idle that long before each timed op, so that each starts from the same power state rather than
-from what ran before it (the op after four GEMMs runs slower than the op after one).
+from what ran before it (the op after four GEMMs runs slower than the op after one). After an
+idle GPU the host has no lead: the time between the start event and each of the op's launches
+counts too, which a one-launch GEMM barely pays and a many-launch forward+backward does.
+``--lead-ms`` queues a spin of one GPU thread (``torch.cuda._sleep``, next to no power) that long
+before each timed op, so the op's launches are queued behind it, as in training, where the host
+runs ahead of the GPU. The host's own time per op (its launches, and any wait inside) is kept
+as ``host_ms``.
 
 Options are `linear_cross_entropy`'s (``--impl``, ``--filter-eps``). ``--against none`` also
 times the fw+bw of that ``filter_eps`` in every repetition, before or after the other in turn,
@@ -36,37 +42,66 @@ from vpcce.launch.data import lm_like
 
 
 def _timer(device: torch.device):
-    """``time(fn) -> ms getter``: CUDA events read after one synchronize, or wall time."""
+    """``time(fn) -> (ms getter, host ms)``: CUDA events read after one synchronize, or wall
+    time; the host ms is the wall time of the call itself (its launches, and any wait)."""
     if device.type != "cuda":
 
         def wall(fn):
             t0 = time.perf_counter()
             fn()
             ms = (time.perf_counter() - t0) * 1e3
-            return lambda: ms
+            return (lambda: ms), ms
 
         return wall
 
     def events(fn):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host_ms = (time.perf_counter() - t0) * 1e3
         end.record()
-        return lambda: start.elapsed_time(end)
+        return (lambda: start.elapsed_time(end)), host_ms
 
     return events
+
+
+def _spinner(device: torch.device, ms: float):
+    """``spin()``: queue ~``ms`` of one spinning GPU thread (CPU, or 0 ms: nothing). Its cycles
+    per ms are measured once, at the clocks of the moment."""
+    if device.type != "cuda" or ms <= 0:
+        return lambda: None
+    cycles = 10**6
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)  # the first call loads the kernel
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    per_ms = cycles / start.elapsed_time(end)
+    return lambda: torch.cuda._sleep(int(ms * per_ms))
 
 
 _NOT_TIMED = object()
 
 
 def measure(
-    e, c, y, *, reps: int, warmup: int = 3, against=_NOT_TIMED, idle_ms: float = 0.0, **options
+    e,
+    c,
+    y,
+    *,
+    reps: int,
+    warmup: int = 3,
+    against=_NOT_TIMED,
+    idle_ms: float = 0.0,
+    lead_ms: float = 0.0,
+    **options,
 ) -> dict:
     """Per-repetition times (ms) of the GEMM, four GEMMs, vpcce's fw and fw+bw, in turn; the
     medians of the per-repetition ratios. ``against``: a ``filter_eps`` whose fw+bw is timed
     too, and the median of the per-repetition differences ``fw+bw - against``. ``idle_ms``: the
-    GPU waits that long, idle, before each timed op."""
+    GPU waits that long, idle, before each timed op; ``lead_ms``: then spins that long, so the
+    op's launches queue behind the spin (``host_ms``: the host's time per op)."""
     e_, c_ = e.detach().requires_grad_(), c.detach().requires_grad_()
 
     def fw_bw(**opts):
@@ -88,8 +123,9 @@ def measure(
     for _ in range(warmup):
         for op in ops.values():
             op()
-    time_ = _timer(e.device)
+    time_, spin = _timer(e.device), _spinner(e.device, lead_ms)
     pending = {name: [] for name in ops}
+    host = {name: [] for name in ops}
     names = list(ops)
     for rep in range(reps):
         # fw+bw and ``against`` swap places every other repetition: the second of two back-to-back
@@ -100,7 +136,10 @@ def measure(
                 if e.device.type == "cuda":
                     torch.cuda.synchronize(e.device)
                 time.sleep(idle_ms / 1e3)
-            pending[name].append(time_(ops[name]))
+            spin()
+            get, host_ms = time_(ops[name])
+            pending[name].append(get)
+            host[name].append(host_ms)
     if e.device.type == "cuda":
         torch.cuda.synchronize(e.device)
     ms = {name: [get() for get in got] for name, got in pending.items()}
@@ -113,7 +152,13 @@ def measure(
             f / g for f, g in zip(ms["fw+bw"], ms["4gemm"], strict=True)
         ),
     }
-    out = {"ms": ms, "median_ms": {k: statistics.median(v) for k, v in ms.items()}, "ratio": ratio}
+    out = {
+        "ms": ms,
+        "median_ms": {k: statistics.median(v) for k, v in ms.items()},
+        "ratio": ratio,
+        "host_ms": host,
+        "median_host_ms": {k: statistics.median(v) for k, v in host.items()},
+    }
     if "against" in ms:
         pairs = zip(ms["fw+bw"], ms["against"], strict=True)
         out["difference_ms"] = statistics.median(a - b for a, b in pairs)
@@ -131,6 +176,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--filter-eps", default="auto", help='"auto", "tail", "none" or a float')
     parser.add_argument("--against", default=None, help="a --filter-eps to time fw+bw against")
     parser.add_argument("--idle-ms", type=float, default=0.0, help="idle GPU before each op")
+    parser.add_argument(
+        "--lead-ms", type=float, default=0.0, help="then a GPU spin (the host lead)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -142,7 +190,7 @@ def main(argv=None) -> list[dict]:
         batch = lm_like(args.n, args.d, args.v, entropy=entropy, dtype=dtype, device=args.device)
         got = measure(
             batch.e, batch.c, batch.targets, reps=args.reps, impl=args.impl, filter_eps=eps,
-            idle_ms=args.idle_ms, **against,
+            idle_ms=args.idle_ms, lead_ms=args.lead_ms, **against,
         )  # fmt: skip
         rows.append(dict(n=args.n, d=args.d, v=args.v, entropy=entropy, **got))
         del batch
@@ -152,16 +200,16 @@ def main(argv=None) -> list[dict]:
     extra = "" if args.against is None else f" {args.against} fw+bw ms | difference ms |"
     print(
         "| N × D × V | entropy | GEMM ms | 4 GEMMs ms | fw ms | fw+bw ms | fw / GEMM "
-        "| fw+bw / 4 GEMM | fw+bw / 4 GEMMs |" + extra
+        "| fw+bw / 4 GEMM | fw+bw / 4 GEMMs | fw host ms | fw+bw host ms |" + extra
     )
-    print("|---|---|---|---|---|---|---|---|---|" + "---|" * extra.count("|"))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * extra.count("|"))
     for r in rows:
-        t, q = r["median_ms"], r["ratio"]
+        t, q, h = r["median_ms"], r["ratio"], r["median_host_ms"]
         more = "" if not extra else f" {t['against']:.2f} | {r['difference_ms']:+.2f} |"
         print(
             f"| {r['n']} × {r['d']} × {r['v']} | {r['entropy']:g} | {t['gemm']:.2f} | "
             f"{t['4gemm']:.2f} | {t['fw']:.2f} | {t['fw+bw']:.2f} | {q['fw']:.3f} | "
-            f"{q['fw+bw']:.3f} | {q['fw+bw/4gemm']:.3f} |" + more
+            f"{q['fw+bw']:.3f} | {q['fw+bw/4gemm']:.3f} | {h['fw']:.2f} | {h['fw+bw']:.2f} |" + more
         )
     return rows
 
