@@ -344,3 +344,43 @@ def test_vocab_parallel_options_bad_range(start, stop):
 
 def test_layout_error_is_a_value_error():
     assert issubclass(LayoutError, ValueError)
+
+
+# One call on CUDA in a fresh process (a device-side assert ends the process's CUDA context):
+# argv impl, validate, the bad target's value; prints "ok" once the GPU has run the call.
+_CUDA_CALL = """
+import sys, torch
+from vpcce import linear_cross_entropy
+impl, validate, value = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+e = torch.randn(64, 128, generator=g).to("cuda", torch.bfloat16)
+c = torch.randn(1000, 128, generator=g).to("cuda", torch.bfloat16)
+y = torch.randint(0, 1000, (64,), generator=g).cuda()
+y[7] = value
+loss = linear_cross_entropy(e, c, y, impl=impl, validate=validate)
+torch.cuda.synchronize()
+print("ok", float(loss))
+"""
+
+
+def _run_on_cuda(impl: str, validate: bool, value: int):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-c", _CUDA_CALL, impl, str(int(validate)), str(value)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.cuda
+def test_cuda_target_check_is_a_device_side_assert():
+    """On CUDA a bad target fails the call at the next synchronization (the Triton path queues
+    the check after the forward's kernels: they index no memory by an out-of-range target, so
+    with ``validate=False`` the same call runs)."""
+    for impl in ("triton", "torch"):
+        for value in (1000, -1):
+            bad = _run_on_cuda(impl, True, value)
+            assert bad.returncode != 0 and "device-side assert" in bad.stderr, (impl, value)
+        good_run = _run_on_cuda(impl, True, 5)
+        assert good_run.returncode == 0 and "ok" in good_run.stdout, good_run.stderr[-2000:]
+    unchecked = _run_on_cuda("triton", False, 1000)
+    assert unchecked.returncode == 0 and "ok" in unchecked.stdout, unchecked.stderr[-2000:]

@@ -21,6 +21,7 @@ from vpcce.modes import BackwardMode
 from vpcce.parallel import collectives
 from vpcce.parallel.options import VocabParallelOptions
 from vpcce.partials import ZTARGET, finalize, merge_partials
+from vpcce.validation import check_target_range
 
 _BACKEND_MODULES = {"torch": "vpcce.reference", "triton": "vpcce.kernels"}
 
@@ -44,6 +45,9 @@ class LossConfig:
     # whether the entropy and argmax outputs are read (`return_stats`): the forward skips the
     # partials only they need when not
     stats: bool = True
+    # whether the forward checks the targets' range once its kernels are queued
+    # (`vpcce.api.loss_config`)
+    check_targets: bool = False
 
     @property
     def backend(self):
@@ -168,8 +172,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # 1. sequence parallel: this rank's tokens -> all tokens (re-gathered in backward, not kept)
         e_all = _hidden(e, cfg)
         layout = make_layout(e_all, targets, cfg.shift)
-        y = layout.flat_targets()
-        valid = y != cfg.ignore_index
         # 2. partials over this shard of the vocabulary (and, to skip tiles in backward, each
         # token's largest logit or log-sum-exp per vocabulary tile)
         kind = _summary_kind(cfg, c, bias is not None, layout.num_tokens)
@@ -190,6 +192,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             **cfg.extra(),
             **summary,
         )
+        if cfg.check_targets:
+            check_target_range(layout.y2, cfg.vocab_size, cfg.ignore_index)
+        y = layout.flat_targets()
+        valid = y != cfg.ignore_index
         # 3. the one forward collective: merge all shards' partials in rank order
         if _distributed(cfg):
             parts = merge_partials(collectives.gather_partials(parts, cfg.vp))

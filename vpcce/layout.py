@@ -41,8 +41,8 @@ def make_layout(e: torch.Tensor, targets: torch.Tensor, shift: int) -> TokenLayo
     b = math.prod(e.shape[:-2])
     e3 = e.reshape(b, t, d)  # a view whenever the leading dims can merge (the usual case)
     y2 = targets.reshape(b, t)
-    e3 = e3[:, : t - shift]
-    y2 = y2[:, shift:]
+    if shift:  # (each view costs host time before the forward's launch)
+        e3, y2 = e3[:, : t - shift], y2[:, shift:]
     return TokenLayout(e3, y2, (*e.shape[:-2], t - shift))
 
 

@@ -36,6 +36,7 @@ from vpcce.kernels.common import (
     DZ_DITHER_N,
     DZ_DITHER_V,
     blocks,
+    cdiv,
     dot_precision,
     even_d,
     hopper_backward_blocks,
@@ -316,7 +317,7 @@ def chunk_work(
     out = []
     for ch in order:
         v0, cl = ch.begin, ch.rows
-        tiles = live_tiles[v0 // tile : triton.cdiv(v0 + cl, tile)]
+        tiles = live_tiles[v0 // tile : cdiv(v0 + cl, tile)]
         density = sum(tiles) / (blocks_ * len(tiles))
         out.append(ChunkWork(density > 0, density <= limits[0], density <= limits[1]))
     return out
@@ -480,7 +481,7 @@ def backward(
         borrow=bias is None,
     )
     widest = max(ch.rows for ch in acc_e.chunks)
-    token_blocks = triton.cdiv(n, cfg.n)
+    token_blocks = cdiv(n, cfg.n)
     e2 = plain_matrix(layout.e3)  # None when the tokens are not one [N, D] matrix view
     e_desc = tma_descriptor(e2, [cfg.n, cfg.d])
     c_desc = tma_descriptor(c, [cfg.v, cfg.d])
@@ -547,11 +548,11 @@ def backward(
     if skipped is not None:
         plan, hopper = skipped.plan, None
     # whole tiles wide (at most the chunk): a 16-byte row stride TMA can store to
-    buffer_cols = triton.cdiv(acc_e.dz_columns, cfg.v) * cfg.v
+    buffer_cols = cdiv(acc_e.dz_columns, cfg.v) * cfg.v
     dz_buffer = torch.empty((n, buffer_cols), dtype=c.dtype, device=c.device)
     flagged = filtering or plan is not None  # the dlogits kernel writes per-tile skip flags
     skip = (
-        torch.empty((token_blocks, triton.cdiv(widest, cfg.v)), dtype=torch.int8, device=c.device)
+        torch.empty((token_blocks, cdiv(widest, cfg.v)), dtype=torch.int8, device=c.device)
         if flagged
         else None
     )
@@ -570,7 +571,7 @@ def backward(
             hopper_dlogits(v0, dz)
             return
         flags = skip if flags is None else flags
-        _cce_dlogits_kernel[(token_blocks * triton.cdiv(cl, cfg.v),)](
+        _cce_dlogits_kernel[(token_blocks * cdiv(cl, cfg.v),)](
             e_desc if tma else layout.e3,
             c_desc if tma else c,
             bias_arg,
@@ -644,7 +645,7 @@ def backward(
                 grad_c[v0 : v0 + cl].unsqueeze(0),
                 mode=STORE,
                 blocks=(min(cfg.v, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.n)),
-                skip=skip[:, : triton.cdiv(cl, cfg.v)].t() if work.sparse_c else None,
+                skip=skip[:, : cdiv(cl, cfg.v)].t() if work.sparse_c else None,
                 skip_tile=(cfg.v, cfg.n),
                 **gemm,
             )
@@ -671,7 +672,7 @@ def backward(
             acc_e.add(
                 dz_c,
                 c[v0 : v0 + cl],
-                skip=skip[:, : triton.cdiv(cl, cfg.v)] if work.sparse_e else None,
+                skip=skip[:, : cdiv(cl, cfg.v)] if work.sparse_e else None,
                 skip_tile=(cfg.n, cfg.v),
                 blocks=(min(cfg.n, 128), cfg.gemm_n, min(cfg.gemm_k, cfg.v)),
                 gemm=gemm,

@@ -17,7 +17,6 @@ GPU-only (Gluon has no interpreter); `supported` says when the backward uses it.
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -33,6 +32,7 @@ from vpcce.kernels.common import (
     DZ_DITHER_N,
     DZ_DITHER_V,
     Blocks,
+    cdiv,
     stochastic_dz,
 )
 from vpcce.kernels.forward_hopper import (
@@ -49,6 +49,7 @@ from vpcce.kernels.forward_hopper import (
     _ring,
     num_splits,
     operand_descriptors,
+    shared_layout,
 )
 from vpcce.kernels.forward_hopper import supported as forward_supported  # the same operand rule
 
@@ -205,7 +206,7 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, v
     """
     n, d = e2.shape
     e_desc, c_desc, dtype = operand_descriptors(e2, c, cfg)
-    dz_layout = gl.NVMMASharedLayout.get_default_for([_ROWS, cfg.v], dtype)
+    dz_layout = shared_layout((_ROWS, cfg.v), c.dtype)
     props = torch.cuda.get_device_properties(c.device)
     sms = props.multi_processor_count
     # a chunk's programs re-read E per vocabulary tile: where E fits in L2, a few long programs
@@ -234,15 +235,15 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, v
     def dlogits(chunk_begin: int, dz: torch.Tensor) -> None:
         chunk_len = dz.shape[1]
         dz_desc = prepare(dz)
-        tiles = triton.cdiv(chunk_len, cfg.v)
+        tiles = cdiv(chunk_len, cfg.v)
         if cfg.tiles_per_program is None:
             splits = num_splits(n, tiles, cfg, sms, e_in_l2)
         else:
-            splits = min(num_splits(n, tiles, cfg, sms), triton.cdiv(tiles, cfg.tiles_per_program))
-        _cce_dlogits_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
+            splits = min(num_splits(n, tiles, cfg, sms), cdiv(tiles, cfg.tiles_per_program))
+        _cce_dlogits_ws_kernel[(cdiv(n, cfg.n) * splits,)](
             e_desc, c_desc, dz_desc, y2, lse, g_nll,
             g_lse if g_lse is not None else lse, dz_target,
-            n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, triton.cdiv(tiles, splits),
+            n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, cdiv(tiles, splits),
             y2.stride(0), y2.stride(1), *scalars, **flags,
         )  # fmt: skip
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from vpcce.kernels.common import (
+    cdiv,
     dot_precision,
     even_d,
     forward_blocks,
@@ -203,7 +204,7 @@ def _num_splits(num_token_blocks: int, num_vocab_tiles: int, device: torch.devic
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(_PROGRAMS_PER_SM * sms, num_token_blocks)
+    want = cdiv(_PROGRAMS_PER_SM * sms, num_token_blocks)
     return max(1, min(want, num_vocab_tiles))
 
 
@@ -246,7 +247,7 @@ def forward_partials(
     hopper = _hopper_forward(e2, c)
     if hopper is not None and n > 0:
         module, cfg = hopper
-        vocab_tiles = triton.cdiv(v, cfg.v)
+        vocab_tiles = cdiv(v, cfg.v)
         sms = torch.cuda.get_device_properties(c.device).multi_processor_count
         splits = num_splits or module.num_splits(n, vocab_tiles, cfg, sms)
         splits = max(1, min(splits, vocab_tiles))
@@ -254,13 +255,13 @@ def forward_partials(
         module.launch(
             e2, c, bias, y2, parts, summary, cfg,
             seq_len=layout.seq_len, vocab_start=vocab_start,
-            tiles_per_split=triton.cdiv(vocab_tiles, splits),
+            tiles_per_split=cdiv(vocab_tiles, splits),
             logit_scale=logit_scale, softcap=softcap, stats=stats, sum_z=sum_z,
         )
         return parts[0] if splits == 1 else merge_partials(parts)
     cfg = forward_blocks(c.dtype)
-    token_blocks = triton.cdiv(max(n, 1), cfg.n)
-    vocab_tiles = triton.cdiv(v, cfg.v)
+    token_blocks = cdiv(max(n, 1), cfg.n)
+    vocab_tiles = cdiv(v, cfg.v)
     splits = num_splits or _num_splits(token_blocks, vocab_tiles, c.device)
     splits = max(1, min(splits, vocab_tiles))
     parts = torch.empty(splits, n, NUM_STATS, dtype=torch.float32, device=c.device)
@@ -283,7 +284,7 @@ def forward_partials(
         d,
         layout.seq_len,
         vocab_start,
-        triton.cdiv(vocab_tiles, splits),
+        cdiv(vocab_tiles, splits),
         e3.stride(0),
         e3.stride(1),
         e3.stride(2),

@@ -32,6 +32,8 @@ GPU-only (Gluon has no interpreter); `supported` says when `vpcce.kernels.forwar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -44,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from vpcce.kernels.common import Blocks, tma_addressable
+from vpcce.kernels.common import Blocks, cdiv, tma_addressable
 from vpcce.kernels.target_logit import target_logits
 from vpcce.partials import ZTARGET
 
@@ -376,6 +378,7 @@ def _cce_fwd_ws_kernel(
     )  # fmt: skip
 
 
+@functools.cache
 def gluon_validated(version: str = triton.__version__) -> bool:
     """True when this Triton's Gluon API is one these kernels were validated with."""
     major, minor = (int(x) for x in version.split(".")[:2])
@@ -387,11 +390,26 @@ def supported(e2: torch.Tensor | None, c: torch.Tensor, cfg: Blocks) -> bool:
     matrices (``e2`` is None for hidden states that are not one ``[N, D]`` matrix view)."""
     if e2 is None or c.device.type != "cuda" or not gluon_validated():
         return False
-    if torch.cuda.get_device_capability(c.device)[0] != 9:
+    if device_major(c.device.index) != 9:
         return False
     if c.dtype not in (torch.bfloat16, torch.float16) or e2.dtype != c.dtype or cfg.n != 2 * _ROWS:
         return False
     return tma_addressable(e2) and tma_addressable(c)
+
+
+@functools.cache
+def device_major(index: int | None) -> int:
+    """The compute capability's major version of a CUDA device (cached: the launches ask it on
+    every call)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def shared_layout(block: tuple[int, int], dtype: torch.dtype):
+    """The NVMMA shared layout of a ``block`` tile of 16-bit ``dtype`` elements, built once (its
+    construction is host time before every launch; round 22)."""
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
 
 
 def operand_descriptors(e2: torch.Tensor, c: torch.Tensor, cfg: Blocks):
@@ -400,15 +418,14 @@ def operand_descriptors(e2: torch.Tensor, c: torch.Tensor, cfg: Blocks):
     dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
     return (
         *(
-            TensorDescriptor.from_tensor(
-                x, block, gl.NVMMASharedLayout.get_default_for(block, dtype)
-            )
-            for x, block in ((e2, [cfg.n, cfg.d]), (c, [cfg.v, cfg.d]))
+            TensorDescriptor.from_tensor(x, list(block), shared_layout(block, c.dtype))
+            for x, block in ((e2, (cfg.n, cfg.d)), (c, (cfg.v, cfg.d)))
         ),
         dtype,
     )
 
 
+@functools.cache
 def num_splits(
     num_tokens: int, num_vocab_tiles: int, cfg: Blocks, sms: int, e_in_l2: bool = False
 ) -> int:
@@ -420,12 +437,12 @@ def num_splits(
     the ``[splits, N, 6]`` partials stay small (Gemma: 10 splits, 4.85 waves; Llama: 9 splits,
     8.7 waves).
     """
-    blocks = triton.cdiv(num_tokens, cfg.n)
-    lowest = 1 if e_in_l2 else min(triton.cdiv(sms, GROUP), num_vocab_tiles)
+    blocks = cdiv(num_tokens, cfg.n)
+    lowest = 1 if e_in_l2 else min(cdiv(sms, GROUP), num_vocab_tiles)
     candidates = range(lowest, max(lowest, min(num_vocab_tiles, 32)) + 1)
     return min(
         candidates,
-        key=lambda s: (triton.cdiv(blocks * s, sms) * (triton.cdiv(num_vocab_tiles, s) + 1), s),
+        key=lambda s: (cdiv(blocks * s, sms) * (cdiv(num_vocab_tiles, s) + 1), s),
     )
 
 
@@ -457,7 +474,7 @@ def launch(
     e_desc, c_desc, _ = operand_descriptors(e2, c, cfg)
     bias_arg = bias if bias is not None else c
     splits = parts.shape[0]
-    _cce_fwd_ws_kernel[(triton.cdiv(n, cfg.n) * splits,)](
+    _cce_fwd_ws_kernel[(cdiv(n, cfg.n) * splits,)](
         e_desc,
         c_desc,
         bias_arg,

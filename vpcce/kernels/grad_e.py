@@ -32,9 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
-import triton
 
-from vpcce.kernels.common import MM_OUT_DTYPE, plain_matrix
+from vpcce.kernels.common import MM_OUT_DTYPE, cdiv, plain_matrix
 from vpcce.kernels.matmul import ADD, HI_LO, grad_matmul
 from vpcce.kernels.target_dz import add_rows
 
@@ -64,7 +63,7 @@ _NARROW_BYTES = 2**20
 def chunk_len(num_tokens: int, vocab: int, element_size: int, tile: int, dz_bytes: int) -> int:
     """Vocabulary rows per chunk: a multiple of ``tile`` with ``[N, chunk]`` within ``dz_bytes``."""
     rows = dz_bytes // max(num_tokens * element_size, 1)
-    return max(tile, min(rows // tile * tile, triton.cdiv(vocab, tile) * tile))
+    return max(tile, min(rows // tile * tile, cdiv(vocab, tile) * tile))
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def scratch_passes(
     dz does not fit below) the scratch's rows come last, and the last chunk's dz is live for its
     dC: up to a chunk fewer rows recomputed."""
     tail = start // dim // tile * tile
-    cols = triton.cdiv(vocab - tail, tile) * tile
+    cols = cdiv(vocab - tail, tile) * tile
     if borrow and first and tail > 0 and num_tokens * cols <= tail * dim:
         rows_first = Chunk(tail, vocab - tail, 0, cols, deferred=True)
         below = schedule(num_tokens, tail, dim, chunk=chunk, tile=tile, free_end=start)

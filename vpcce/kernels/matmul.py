@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels.common import interpreting, plain_matrix, row_offsets, tma_descriptor
+from vpcce.kernels.common import cdiv, interpreting, plain_matrix, row_offsets, tma_descriptor
 
 STORE, ADD, HI_LO = 0, 1, 2
 
@@ -164,7 +164,7 @@ def grad_matmul(
     m, k = a.shape
     n = out3.shape[-1]
     block_m, block_n, block_k = blocks
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
     if m == 0 or n == 0:
         return
     skip_tile = skip_tile or (block_m, block_k)

@@ -18,10 +18,7 @@ GPU-only (Gluon has no interpreter); `supported` says when `vpcce.kernels.matmul
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -32,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from vpcce.kernels.common import tma_addressable
+from vpcce.kernels.common import cdiv, tma_addressable
 from vpcce.kernels.forward_hopper import (
     _ROWS,
     _WG0,
@@ -40,7 +37,9 @@ from vpcce.kernels.forward_hopper import (
     CONSUMER_REGS,
     PRODUCER_REGS,
     _ring,
+    device_major,
     gluon_validated,
+    shared_layout,
 )
 
 BLOCK_M = 2 * _ROWS  # output rows per program (two consumer warpgroups)
@@ -227,15 +226,10 @@ def _sparse_matmul_ws_kernel(
     )  # fmt: skip
 
 
-@functools.cache
-def _major(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
 def available(device: torch.device, dtype: torch.dtype, skip_tile: tuple[int, int]) -> bool:
     """True when this kernel runs on ``device`` for ``dtype`` operands and skip tiles of whole
     program rows and K steps (the operands' layout aside: `supported`)."""
-    if device.type != "cuda" or not gluon_validated() or _major(device.index) != 9:
+    if device.type != "cuda" or not gluon_validated() or device_major(device.index) != 9:
         return False
     return dtype in (torch.bfloat16, torch.float16) and not (
         skip_tile[0] % BLOCK_M or skip_tile[1] % BLOCK_K
@@ -262,16 +256,8 @@ def supported(a: torch.Tensor, b2: torch.Tensor | None, out2: torch.Tensor | Non
     return takes(b2, out2, a.dtype, skip_tile) and (tma_addressable(a) or tma_addressable(a.t()))
 
 
-@functools.cache
-def _shared_layout(block: tuple[int, int], dtype: torch.dtype):
-    # (built once: the backward's tail path launches this kernel ~3 times per chunk, and its
-    # host time, not the GPU's, bounds the small chunks; H200, round 22)
-    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
-
-
 def _descriptor(x: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
-    return TensorDescriptor.from_tensor(x, list(block), _shared_layout(block, x.dtype))
+    return TensorDescriptor.from_tensor(x, list(block), shared_layout(block, x.dtype))
 
 
 def launch(a: torch.Tensor, b2: torch.Tensor, out2: torch.Tensor, skip: torch.Tensor,
@@ -284,12 +270,12 @@ def launch(a: torch.Tensor, b2: torch.Tensor, out2: torch.Tensor, skip: torch.Te
     to ``out2b``'s rows from 0 instead (``out2`` then holds rows up to ``split``): both parts of
     dE's scratch accumulator (`vpcce.kernels.grad_e`) in one launch."""
     (m, k), n = a.shape, out2.shape[1]
-    split, out2b = rest if rest is not None else (triton.cdiv(m, BLOCK_M) * BLOCK_M, out2)
+    split, out2b = rest if rest is not None else (cdiv(m, BLOCK_M) * BLOCK_M, out2)
     assert split % BLOCK_M == 0 and out2b.dtype == out2.dtype, "rows split between programs"
     a_t = not tma_addressable(a)  # then its transpose is (`supported`): dz^T
     a_desc = _descriptor(a.t(), (BLOCK_K, BLOCK_M)) if a_t else _descriptor(a, (BLOCK_M, BLOCK_K))
     b_desc = _descriptor(b2, (BLOCK_K, BLOCK_N))
-    _sparse_matmul_ws_kernel[(triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)](
+    _sparse_matmul_ws_kernel[(cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N),)](
         a_desc, b_desc, out2, skip, m, n, k, out2.stride(0), skip.stride(0), skip.stride(1),
         out2b, split, out2b.stride(0),
         SKIP_M=skip_tile[0], SKIP_K=skip_tile[1], A_T=a_t, ADD=add, STAGES=STAGES,

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from vpcce.kernels import skip_plan
-from vpcce.kernels.common import MM_OUT_DTYPE, blocks
+from vpcce.kernels.common import MM_OUT_DTYPE, blocks, cdiv
 from vpcce.kernels.tile_summary import tile_bounds
 
 # Tokens of `sample_errors`' sample, and how far below the baseline's error the correction's
@@ -316,7 +316,7 @@ def sample_errors(
     for v0 in range(0, c.shape[0], chunk):
         cc = c[v0 : v0 + chunk]
         width = cc.shape[0]
-        _sample_dz_kernel[(triton.cdiv(width, block_v_),)](
+        _sample_dz_kernel[(cdiv(width, block_v_),)](
             z[:, v0:], lse_s, lse_base, ys - v0, skip_s[:, v0 // block_v :], mass_s, cols_s, out,
             size, width, z.stride(0), skip_s.stride(0), out.stride(0), out.stride(1),
             BF16=c.dtype == torch.bfloat16, BLOCK_S=block_s, BLOCK_V=block_v_, TILE_V=block_v,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels.common import row_offsets
+from vpcce.kernels.common import cdiv, row_offsets
 from vpcce.kernels.matmul import ADD, HI_LO, epilogue
 
 
@@ -103,7 +103,7 @@ def add_rows(
     if b * t == 0:
         return
     block_m, block_d = 32, min(256, triton.next_power_of_2(d))
-    _add_rows_kernel[(triton.cdiv(b * t, block_m), triton.cdiv(d, block_d))](
+    _add_rows_kernel[(cdiv(b * t, block_m), cdiv(d, block_d))](
         out3, lo if lo is not None else out3, weights, rows, c, b * t, d, t, out3.stride(0),
         out3.stride(1), out3.stride(2), c.stride(0), c.stride(1), MODE=ADD if lo is None else HI_LO,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels.common import row_offsets, tanh, upcast_tiles
+from vpcce.kernels.common import cdiv, row_offsets, tanh, upcast_tiles
 
 BLOCK_N = 64  # tokens per program: the wgmma M
 
@@ -85,7 +85,7 @@ def target_logits(
     if n == 0:
         return
     bias_arg = bias if bias is not None else c
-    _target_logit_kernel[(triton.cdiv(n, BLOCK_N),)](
+    _target_logit_kernel[(cdiv(n, BLOCK_N),)](
         e2, c, bias_arg, y2, out, n, v, d, seq_len, vocab_start, e2.stride(0), e2.stride(1),
         c.stride(0), c.stride(1), bias_arg.stride(0), y2.stride(0), y2.stride(1), out.stride(0),
         float(logit_scale), float(softcap or 1.0), HAS_BIAS=bias is not None,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vpcce.kernels.common import blocks, forward_blocks
+from vpcce.kernels.common import blocks, cdiv, forward_blocks
 
 SUMMARY_DTYPE = torch.bfloat16
 _ROUNDING_MARGIN = 2.0**-7  # relative: bf16 keeps 8 significant bits
@@ -32,26 +32,26 @@ def supported(dtype: torch.dtype, num_tokens: int, vocab: int) -> bool:
     """True when the forward's vocabulary tiles are the backward's for ``dtype`` inputs and the
     summary's elements fit the kernels' int32 offsets."""
     cfg = blocks(dtype)
-    return forward_blocks(dtype).v == cfg.v and triton.cdiv(vocab, cfg.v) * num_tokens < 2**31
+    return forward_blocks(dtype).v == cfg.v and cdiv(vocab, cfg.v) * num_tokens < 2**31
 
 
 def tile_max_buffer(num_tokens: int, c: torch.Tensor) -> torch.Tensor:
     """The forward's ``[vocab tiles, N]`` output for shard ``c`` (when `supported`)."""
-    tiles = triton.cdiv(c.shape[0], blocks(c.dtype).v)
+    tiles = cdiv(c.shape[0], blocks(c.dtype).v)
     return torch.empty((tiles, num_tokens), dtype=SUMMARY_DTYPE, device=c.device)
 
 
 def tile_lse_buffer(num_tokens: int, c: torch.Tensor) -> torch.Tensor:
     """The forward's ``[vocab tiles, N]`` fp32 per-tile log-sum-exp for shard ``c`` (when
     `supported`; `vpcce.kernels.tail`): 4 bytes per token and tile, transient."""
-    tiles = triton.cdiv(c.shape[0], blocks(c.dtype).v)
+    tiles = cdiv(c.shape[0], blocks(c.dtype).v)
     return torch.empty((tiles, num_tokens), dtype=torch.float32, device=c.device)
 
 
 def bounds_shape(num_tokens: int, vocab: int, dtype: torch.dtype) -> tuple[int, int]:
     """Shape of `tile_bounds`'s result: ``(token blocks, vocabulary tiles)`` of the backward."""
     cfg = blocks(dtype)
-    return triton.cdiv(num_tokens, cfg.n), triton.cdiv(vocab, cfg.v)
+    return cdiv(num_tokens, cfg.n), cdiv(vocab, cfg.v)
 
 
 @triton.jit
@@ -92,11 +92,11 @@ def tile_bounds(tile_max: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -
     reduction gives the log of each tile's largest softmax mass over its block's tokens."""
     tiles, n = tile_max.shape
     block_n = blocks(dtype).n
-    out = torch.empty((triton.cdiv(n, block_n), tiles), dtype=torch.float32, device=lse.device)
+    out = torch.empty((cdiv(n, block_n), tiles), dtype=torch.float32, device=lse.device)
     if out.numel() == 0:
         return out
     block_t = 64
-    _tile_bounds_kernel[(out.shape[0], triton.cdiv(tiles, block_t))](
+    _tile_bounds_kernel[(out.shape[0], cdiv(tiles, block_t))](
         tile_max, lse, out, n, tiles, tile_max.stride(0), out.stride(0),
         _ROUNDING_MARGIN if tile_max.element_size() < 4 else 0.0,
         BLOCK_N=block_n, BLOCK_T=block_t,
