@@ -316,6 +316,15 @@ def test_out_of_shard_targets(dtype):
             rel_err(merged[:, col], full[:, col]),
         )
     assert torch.equal(argmax_column(merged), argmax_column(full))
+    # a call that reads neither the stats nor the mean logit merges only the loss's columns,
+    # bitwise as the full merge does; finalize marks the stats it did not compute
+    loss_only = merge_partials(torch.stack(parts), stats=False, sum_z=False)
+    for col in (MAX, SUMEXP, ZTARGET):
+        assert torch.equal(loss_only[:, col], merged[:, col]), col
+    lse, nll, entropy, argmax = finalize(loss_only, V, 0.0, stats=False)
+    want = finalize(merged, V, 0.0)
+    assert torch.equal(lse, want[0]) and torch.equal(nll, want[1])
+    assert (entropy == 0).all() and (argmax == -1).all() and argmax.dtype == torch.int64
     whole = _shard_backward(vpcce.reference, layout, c, b, 0, lse, z_target, g_nll, g_lse)
     de_sum = sum(gr[0].double() for gr in grads)
     tol = FP32_TOL["grad"] if dtype == torch.float32 else BF16_GRAD["ABS"]

@@ -180,6 +180,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             summary["tile_max"] = cfg.backend.tile_max_buffer(layout.num_tokens, c)
         elif kind == "lse":
             summary["tile_lse"] = cfg.backend.tile_lse_buffer(layout.num_tokens, c)
+        sum_z = cfg.label_smoothing != 0  # the mean logit: label smoothing's alone
         parts = cfg.backend.forward_partials(
             layout,
             c,
@@ -188,7 +189,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logit_scale=cfg.logit_scale,
             softcap=cfg.softcap,
             stats=cfg.stats,
-            sum_z=cfg.label_smoothing != 0,
+            sum_z=sum_z,
             **cfg.extra(),
             **summary,
         )
@@ -198,11 +199,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = y != cfg.ignore_index
         # 3. the one forward collective: merge all shards' partials in rank order
         if _distributed(cfg):
-            parts = merge_partials(collectives.gather_partials(parts, cfg.vp))
-        # 4. per-token statistics over the global vocabulary
-        lse, nll, entropy, argmax = finalize(parts, cfg.vocab_size, cfg.label_smoothing)
-        if not cfg.stats:  # their partials were skipped: argmax -1 marks them (entropy 0)
-            entropy, argmax = torch.zeros_like(entropy), torch.full_like(argmax, -1)
+            parts = merge_partials(
+                collectives.gather_partials(parts, cfg.vp), stats=cfg.stats, sum_z=sum_z
+            )
+        # 4. per-token statistics over the global vocabulary (without `stats` their partials were
+        # skipped: argmax -1 marks them, entropy 0)
+        lse, nll, entropy, argmax = finalize(
+            parts, cfg.vocab_size, cfg.label_smoothing, stats=cfg.stats
+        )
         nll = torch.where(valid, nll, torch.zeros_like(nll))
         count = valid.sum()
         # the summary against the global LSE (then freed): a bound per backward tile, or the

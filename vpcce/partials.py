@@ -44,11 +44,16 @@ def argmax_column(parts: torch.Tensor) -> torch.Tensor:
     return parts[..., ARGMAX].view(torch.int64 if parts.dtype == torch.float64 else torch.int32)
 
 
-def merge_partials(stacked: torch.Tensor) -> torch.Tensor:
+def merge_partials(
+    stacked: torch.Tensor, *, stats: bool = True, sum_z: bool = True
+) -> torch.Tensor:
     """Merge ``[S, N, 6]`` partials over S disjoint vocab slices into ``[N, 6]``, in slice order.
 
     Ties in the maximum keep the first slice's argmax (slices are in vocabulary order, so this is
-    the lowest id, as ``torch.argmax`` would give).
+    the lowest id, as ``torch.argmax`` would give). ``stats=False`` leaves the XLOGX and ARGMAX
+    columns unmerged, ``sum_z=False`` the SUMZ column (their values then mean nothing: the forward
+    did not compute them, `vpcce.kernels.forward.forward_partials`): each column is a few small
+    ops, host time of every forward.
     """
     m = stacked[..., MAX]
     m_all = m.max(dim=0).values
@@ -57,27 +62,30 @@ def merge_partials(stacked: torch.Tensor) -> torch.Tensor:
     delta = m - m_ref  # [S, N], <= 0 (or -inf for empty slices)
     scale = torch.exp(delta)
     s = stacked[..., SUMEXP]
-    nonempty = s > 0
-    # x' = e^{m_i - M} (x_i + (m_i - M) s_i); guarded where a slice is empty (delta = -inf, s = 0).
-    x = torch.where(nonempty, scale * (stacked[..., XLOGX] + delta * s), torch.zeros_like(s))
     merged = torch.empty_like(stacked[0])
     merged[:, MAX] = m_all
     merged[:, SUMEXP] = (scale * s).sum(dim=0)
-    merged[:, XLOGX] = x.sum(dim=0)
-    merged[:, SUMZ] = stacked[..., SUMZ].sum(dim=0)
     merged[:, ZTARGET] = stacked[..., ZTARGET].sum(dim=0)
-    winner = m.argmax(dim=0, keepdim=True)  # first slice holding the max
-    ids = argmax_column(stacked).gather(0, winner).squeeze(0)
-    argmax_column(merged).copy_(ids)
+    if sum_z:
+        merged[:, SUMZ] = stacked[..., SUMZ].sum(dim=0)
+    if stats:
+        # x' = e^{m_i - M} (x_i + (m_i - M) s_i); guarded where a slice is empty (delta = -inf,
+        # s = 0)
+        x = torch.where(s > 0, scale * (stacked[..., XLOGX] + delta * s), torch.zeros_like(s))
+        merged[:, XLOGX] = x.sum(dim=0)
+        winner = m.argmax(dim=0, keepdim=True)  # first slice holding the max
+        ids = argmax_column(stacked).gather(0, winner).squeeze(0)
+        argmax_column(merged).copy_(ids)
     return merged
 
 
-def finalize(parts: torch.Tensor, vocab_size: int, label_smoothing: float):
+def finalize(parts: torch.Tensor, vocab_size: int, label_smoothing: float, stats: bool = True):
     """Turn merged ``[N, 6]`` partials over the whole vocabulary into per-token statistics.
 
     Returns ``(lse, nll, entropy, argmax)``: ``lse``, ``nll`` and ``entropy`` are [N] fp32 and
     ``argmax`` is [N] int64. ``nll`` is PyTorch's label-smoothed cross-entropy
     ``lse - (1 - a) * z_y - a / V * sum_v z_v``; it is not yet masked for ignored tokens.
+    ``stats=False`` (XLOGX and ARGMAX not computed): entropy 0 and argmax -1.
     """
     s = parts[:, SUMEXP]
     log_s = torch.log(s)
@@ -85,6 +93,8 @@ def finalize(parts: torch.Tensor, vocab_size: int, label_smoothing: float):
     nll = lse - (1.0 - label_smoothing) * parts[:, ZTARGET]
     if label_smoothing:
         nll = nll - (label_smoothing / vocab_size) * parts[:, SUMZ]
+    if not stats:
+        return lse, nll, torch.zeros_like(lse), torch.full(lse.shape, -1, device=lse.device)
     # H = lse - E_p[z] = log s - x / s  (x is taken relative to the max, see the module docstring)
     entropy = log_s - parts[:, XLOGX] / s
     argmax = argmax_column(parts).long()

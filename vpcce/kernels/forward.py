@@ -258,7 +258,7 @@ def forward_partials(
             tiles_per_split=cdiv(vocab_tiles, splits),
             logit_scale=logit_scale, softcap=softcap, stats=stats, sum_z=sum_z,
         )
-        return parts[0] if splits == 1 else merge_partials(parts)
+        return parts[0] if splits == 1 else merge_partials(parts, stats=stats, sum_z=sum_z)
     cfg = forward_blocks(c.dtype)
     token_blocks = cdiv(max(n, 1), cfg.n)
     vocab_tiles = cdiv(v, cfg.v)
@@ -317,4 +317,4 @@ def forward_partials(
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
-    return parts[0] if splits == 1 else merge_partials(parts)
+    return parts[0] if splits == 1 else merge_partials(parts, stats=stats, sum_z=sum_z)
