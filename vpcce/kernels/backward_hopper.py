@@ -205,7 +205,7 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, v
     backward launches 20–90 chunks).
     """
     n, d = e2.shape
-    e_desc, c_desc, dtype = operand_descriptors(e2, c, cfg)
+    e_desc, c_desc = operand_descriptors(e2, c, cfg)
     dz_layout = shared_layout((_ROWS, cfg.v), c.dtype)
     props = torch.cuda.get_device_properties(c.device)
     sms = props.multi_processor_count

@@ -413,15 +413,10 @@ def shared_layout(block: tuple[int, int], dtype: torch.dtype):
 
 
 def operand_descriptors(e2: torch.Tensor, c: torch.Tensor, cfg: Blocks):
-    """Gluon TMA descriptors of ``E [N, D]`` and ``C [V, D]`` in the ring's tiles, and the
-    operands' Gluon dtype."""
-    dtype = gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16
-    return (
-        *(
-            TensorDescriptor.from_tensor(x, list(block), shared_layout(block, c.dtype))
-            for x, block in ((e2, (cfg.n, cfg.d)), (c, (cfg.v, cfg.d)))
-        ),
-        dtype,
+    """Gluon TMA descriptors of ``E [N, D]`` and ``C [V, D]`` in the ring's tiles."""
+    return tuple(
+        TensorDescriptor.from_tensor(x, list(block), shared_layout(block, c.dtype))
+        for x, block in ((e2, (cfg.n, cfg.d)), (c, (cfg.v, cfg.d)))
     )
 
 
@@ -471,7 +466,7 @@ def launch(
     `vpcce.kernels.forward.forward_partials`).
     """
     n, (v, d) = e2.shape[0], c.shape
-    e_desc, c_desc, _ = operand_descriptors(e2, c, cfg)
+    e_desc, c_desc = operand_descriptors(e2, c, cfg)
     bias_arg = bias if bias is not None else c
     splits = parts.shape[0]
     _cce_fwd_ws_kernel[(cdiv(n, cfg.n) * splits,)](
