@@ -1133,3 +1133,18 @@ def test_grad_e_ready_fires_before_the_last_dc_gemm(monkeypatch, dtype):
     # after the last dE GEMM, before at least one dC GEMM (several when dE borrowed dC's rows)
     assert events[ready - 1] == "dE" and set(events[ready + 1 :]) == {"dC"}
     assert torch.equal(snapshots[0], grad_e3)  # dE was final when the reduction could start
+
+
+def test_asked_fp32_accumulator_is_a_separate_buffer():
+    """``accum_e_fp32``: dE accumulates in its own fp32 buffer even where the scratch in dC's
+    rows fits, so no dz is recomputed (4ND bytes more; docs/perf.md round 26)."""
+    grad_e3 = torch.empty(1, 64, 32, dtype=torch.bfloat16)
+    grad_c = torch.empty(1000, 32, dtype=torch.bfloat16)
+    opts = dict(tile=64, row_block=32, work_bytes=2**15, min_dz_bytes=2**12, chunk_bytes=None)
+    default = grad_e.accumulator(grad_e3, grad_c, accum_fp32=False, borrow=True, **opts)
+    assert default.kind == grad_e.SCRATCH and default.recompute_rows > 0
+    asked = grad_e.accumulator(grad_e3, grad_c, accum_fp32=True, borrow=True, **opts)
+    assert asked.kind == grad_e.FP32 and asked.recompute_rows == 0 and not asked.recompute
+    ((first, end, acc3),) = asked.parts
+    assert (first, end, acc3.shape, acc3.dtype) == (0, 64, (1, 64, 32), torch.float32)
+    assert sum(ch.rows for ch in asked.order) == 1000  # every row once

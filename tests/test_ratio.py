@@ -28,15 +28,22 @@ def test_ratio_times_each_repetition_in_turn(tmp_path, capsys):
     assert table[0].startswith("| N × D × V") and len(table) == 2 + len(rows)
 
 
-def test_ratio_times_the_against_mode_in_turn(capsys):
-    """``--against``: that filter_eps's fw+bw in every repetition, and the median difference."""
+def test_ratio_times_the_against_mode_in_turn(capsys, monkeypatch):
+    """``--against``: that filter_eps's fw+bw in every repetition, and the median difference;
+    the other options reach every call."""
+    calls, real = [], ratio.linear_cross_entropy
+    monkeypatch.setattr(
+        ratio, "linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
     rows = ratio.main(
         ["--n", "48", "--d", "16", "--v", "300", "--entropies", "1", "--reps", "3",
          "--impl", "torch", "--device", "cpu", "--filter-eps", "tail", "--against", "none",
-         "--idle-ms", "1", "--lead-ms", "1"]
+         "--idle-ms", "1", "--lead-ms", "1", "--accum-e-fp32"]
     )  # fmt: skip
     ms = rows[0]["ms"]
     assert len(ms["against"]) == 3
+    assert {k["filter_eps"] for k in calls} == {"tail", None}
+    assert all(k["accum_e_fp32"] for k in calls)
     diffs = sorted(a - b for a, b in zip(ms["fw+bw"], ms["against"], strict=True))
     assert rows[0]["difference_ms"] == diffs[1]
     table = capsys.readouterr().out.strip().splitlines()

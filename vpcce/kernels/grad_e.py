@@ -6,14 +6,14 @@ than 16 bits while it accumulates. The accumulator, in order of preference:
 
 - `IN_PLACE`: the gradient itself when it is fp32 (fp32 inputs, or a vocab-parallel fp32
   reduction buffer);
+- `FP32`: a separate fp32 buffer, when asked for (``accum_e_fp32``): 4ND bytes more, nothing
+  recomputed (Llama 3 head: 256 MiB, -3.9 ms of the exact fw+bw's ~100, docs/perf.md round 26);
 - `SCRATCH`: an fp32 ``[N, D]`` accumulator in memory that holds nothing yet: its first half of
   the tokens in the 16-bit gradient's own buffer (half the bytes of an fp32 matrix), the rest in
   the tail of the classifier gradient's buffer. The vocabulary rows whose dC memory holds it
   write their dC once dE is final, after recomputing their dz: no memory, at the cost of
   recomputing ~N vocabulary rows, taken only when that is at most `MAX_RECOMPUTE` of the shard
   (`scratch_passes` orders the chunks);
-- `FP32`: a separate fp32 buffer, when fp32 accumulation was asked for (``accum_e_fp32``) and the
-  scratch would cost too much recompute;
 - `HI_LO`: the 16-bit gradient plus a 16-bit ``[N, D]`` residual (`vpcce.kernels.matmul`).
 
 Each chunk's product goes through cuBLAS (``addmm`` with an fp32 output, deterministic) where the
@@ -40,7 +40,7 @@ from vpcce.kernels.target_dz import add_rows
 IN_PLACE, SCRATCH, FP32, HI_LO_PAIR = "in_place", "scratch", "fp32", "hi_lo"
 
 # The scratch forces recomputing the dz of the chunks it overlaps; past this fraction of the
-# shard's vocabulary a separate buffer (or the hi/lo residual) is cheaper.
+# shard's vocabulary the hi/lo residual is cheaper.
 MAX_RECOMPUTE = 0.3
 
 # dE products narrower than this (K, vocabulary rows) pay for the fp32 accumulator's traffic:
@@ -309,6 +309,9 @@ def accumulator(
 
     if grad_e3.dtype == torch.float32:
         return EGradAccumulator(IN_PLACE, [(0, n, grad_e3.zero_())], None, order(chunk))
+    if accum_fp32:
+        acc = torch.zeros((1, n, d), dtype=torch.float32, device=grad_e3.device)
+        return EGradAccumulator(FP32, [(0, n, acc)], None, order(chunk))
     # dC is fp32 while dE is 16-bit where fp32 inputs reduce their hidden gradient in 16 bits
     own = _own_rows(grad_e3, row_block)
     start = _scratch_start(n - own, v, d, esize)
@@ -328,9 +331,6 @@ def accumulator(
                 mine = grad_e3.view(-1)[: 2 * own * d].view(torch.float32)
                 acc.parts.insert(0, (0, own, mine.view(1, own, d).zero_()))
             return acc
-    if accum_fp32:
-        acc = torch.zeros((1, n, d), dtype=torch.float32, device=grad_e3.device)
-        return EGradAccumulator(FP32, [(0, n, acc)], None, order(chunk))
     residual = n * d * grad_e3.element_size()
     chunk = chunk_len(n, v, esize, tile, chunk_bytes or max(min_dz_bytes, work_bytes - residual))
     lo = torch.zeros((n, d), dtype=grad_e3.dtype, device=grad_e3.device)

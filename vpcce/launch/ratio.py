@@ -20,10 +20,11 @@ before each timed op, so the op's launches are queued behind it, as in training,
 runs ahead of the GPU. The host's own time per op (its launches, and any wait inside) is kept
 as ``host_ms``.
 
-Options are `linear_cross_entropy`'s (``--impl``, ``--filter-eps``). ``--against none`` also
-times the fw+bw of that ``filter_eps`` in every repetition, before or after the other in turn,
-and reports the median of the per-repetition differences (e.g. the default against the exact
-backward: issue 9's "never slower than exact", where two runs of one op differ by ~1 ms at 60 ms).
+Options are `linear_cross_entropy`'s (``--impl``, ``--filter-eps``, ``--accum-e-fp32``).
+``--against none`` also times the fw+bw of that ``filter_eps`` (the other options the same) in
+every repetition, before or after the other in turn, and reports the median of the
+per-repetition differences (e.g. the default against the exact backward: issue 9's "never
+slower than exact", where two runs of one op differ by ~1 ms at 60 ms).
 Data: LM-like peaked logits (`vpcce.launch.data.lm_like`). A markdown table is printed last;
 ``--json`` keeps every repetition's times.
 """
@@ -179,6 +180,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--lead-ms", type=float, default=0.0, help="then a GPU spin (the host lead)"
     )
+    parser.add_argument(
+        "--accum-e-fp32", action="store_true", help="dE accumulates in a separate fp32 buffer"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -190,7 +194,7 @@ def main(argv=None) -> list[dict]:
         batch = lm_like(args.n, args.d, args.v, entropy=entropy, dtype=dtype, device=args.device)
         got = measure(
             batch.e, batch.c, batch.targets, reps=args.reps, impl=args.impl, filter_eps=eps,
-            idle_ms=args.idle_ms, lead_ms=args.lead_ms, **against,
+            accum_e_fp32=args.accum_e_fp32, idle_ms=args.idle_ms, lead_ms=args.lead_ms, **against,
         )  # fmt: skip
         rows.append(dict(n=args.n, d=args.d, v=args.v, entropy=entropy, **got))
         del batch
