@@ -59,7 +59,6 @@ _ALIGN = 64
 _NARROW_BYTES = 2**20
 
 
-
 def chunk_len(num_tokens: int, vocab: int, element_size: int, tile: int, dz_bytes: int) -> int:
     """Vocabulary rows per chunk: a multiple of ``tile`` with ``[N, chunk]`` within ``dz_bytes``."""
     rows = dz_bytes // max(num_tokens * element_size, 1)
