@@ -3,7 +3,8 @@
 On an H100 the exact bf16 backward without a bias takes the Hopper kernel for its ``dz`` chunks;
 these cases compare its gradients with the Triton kernel's (``HOPPER_BACKWARD_BLOCKS = None``),
 the forward being the same, on ragged sizes, several chunks (the last one partial), the LSE
-output's gradient, label smoothing, softcap and scale, and a shifted single sequence.
+output's gradient, label smoothing, softcap and scale, a shifted single sequence, and more
+(token block, tile) items than SMs.
 """
 
 import pytest
@@ -41,6 +42,9 @@ CASES = {
     "lse-smoothing": dict(n=640, d=128, v=3000, kw={"return_lse": True, "label_smoothing": 0.1}),
     "softcap-scale": dict(n=257, d=320, v=2000, kw={"softcap": 15.0, "logit_scale": 0.5}),
     "shift": dict(n=513, d=192, v=2500, kw={"shift": 1, "reduction": "sum"}),
+    # 17 token blocks x 20 tiles: more items than SMs, so each persistent program takes several,
+    # and the last group of token blocks is partial
+    "many-items": dict(n=2100, d=192, v=5017, kw={}),
 }
 
 

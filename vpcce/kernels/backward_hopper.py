@@ -5,11 +5,17 @@ bias (no filter flags, no plan, no bias column sums): ``dz[:, j] = dL/dz`` of vo
 ``chunk_begin + j`` for every token, in the input dtype. Round 11 (docs/perf.md) found the Triton
 kernel at 67% tensor-pipe use with 14k register spills per chunk. Here, as in
 `vpcce.kernels.forward_hopper`, a producer warp streams ``E`` and ``C`` K-slices through a TMA
-ring and two consumer warpgroups own 64 of a program's 128 token rows each, so one's epilogue
-runs under the other's wgmmas. The logits only need ~1e-5 relative accuracy here (``dz`` is
-rounded to 16 bits and ``p`` uses the forward's LSE), so each 64 x 256 tile accumulates in one
-wgmma chain (128 registers, no split accumulation). Each warpgroup writes its ``dz`` tile through
-shared memory and a TMA store, which clips the chunk's last columns and the last token rows.
+ring and two consumer warpgroups own 64 of an item's 128 token rows each. The logits only need
+~1e-5 relative accuracy here (``dz`` is rounded to 16 bits and ``p`` uses the forward's LSE), so
+each 64 x 256 tile accumulates in one wgmma chain (128 registers, no split accumulation). Each
+warpgroup writes its ``dz`` tile through shared memory and a TMA store, which clips the chunk's
+last columns and the last token rows.
+
+The grid is persistent: one program per SM walks every SMs-th (token block, vocabulary tile)
+item of the chunk, so the ring runs on from one item to the next (the producer loads the next
+item's slices during the epilogue) and no program starts or drains per token block. A chunk is
+often 7 tiles wide, which gave one tile per program before (round 28: on one chunk at the Llama
+head, 1.11-1.12 -> 1.05-1.06 x the GEMM of the chunk's shape).
 
 GPU-only (Gluon has no interpreter); `supported` says when the backward uses it.
 """
@@ -44,10 +50,7 @@ from vpcce.kernels.forward_hopper import (
     PRODUCER_REGS,
     _exp2,
     _finish_logits,
-    _producer,
-    _program_tiles,
     _ring,
-    num_splits,
     operand_descriptors,
     shared_layout,
 )
@@ -55,14 +58,55 @@ from vpcce.kernels.forward_hopper import supported as forward_supported  # the s
 
 
 @gluon.jit
+def _item(w, num_tiles, num_blocks, block_n: gl.constexpr, GROUP: gl.constexpr):
+    """Work item ``w`` of a chunk, in grouped order: its first token row and vocabulary tile.
+
+    The items in flight (one per program, consecutive) cover GROUP token blocks and a few tiles,
+    whose rows of E and C stay in L2 (Llama's E is 134 MB, beyond it).
+    """
+    per_group = GROUP * num_tiles
+    first_block = (w // per_group) * GROUP
+    blocks = gl.minimum(num_blocks - first_block, GROUP)
+    r = w % per_group
+    return (first_block + r % blocks) * block_n, r // blocks
+
+
+@gluon.jit
+def _dlogits_producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, num_tiles, num_blocks, num_k,
+                      v0, GROUP: gl.constexpr):  # fmt: skip
+    """Stream each item's ``E[n0:, k]`` and ``C[v0 + t * block_v:, k]`` slices into the ring
+    (one ready / empty mbarrier pair per slot)."""
+    stages: gl.constexpr = e_bufs.type.shape[0]
+    block_n: gl.constexpr = e_desc.block_type.shape[0]
+    block_d: gl.constexpr = e_desc.block_type.shape[1]
+    block_v: gl.constexpr = c_desc.block_type.shape[0]
+    nbytes: gl.constexpr = e_desc.block_type.nbytes + c_desc.block_type.nbytes
+    i = 0
+    for w in range(gl.program_id(0), num_blocks * num_tiles, gl.num_programs(0)):
+        n0, t = _item(w, num_tiles, num_blocks, block_n, GROUP)
+        for k in range(num_k):
+            s = i % stages
+            # a fresh mbarrier counts as past phase 1: the first round finds every slot free
+            mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            tma.async_copy_global_to_shared(
+                e_desc, [n0, k * block_d], ready.index(s), e_bufs.index(s)
+            )
+            tma.async_copy_global_to_shared(
+                c_desc, [v0 + t * block_v, k * block_d], ready.index(s), c_bufs.index(s)
+            )
+            i += 1
+
+
+@gluon.jit
 def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                      HAS_GLSE: gl.constexpr, STOCHASTIC: gl.constexpr,
-                      DITHER_N: gl.constexpr, DITHER_V: gl.constexpr):  # fmt: skip
-    """Consumer warpgroup ``WG``: the ``dz`` of rows ``n0 + 64 WG ...`` for the program's tiles;
+                      HAS_GLSE: gl.constexpr, STOCHASTIC: gl.constexpr, DITHER_N: gl.constexpr,
+                      DITHER_V: gl.constexpr, GROUP: gl.constexpr):  # fmt: skip
+    """Consumer warpgroup ``WG``: the ``dz`` of rows ``n0 + 64 WG ...`` for the program's items;
     ``ops`` are the kernel's buffers, barriers, pointers and scalars."""
     (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
-     dzt_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k, stride_yb,
-     stride_yt, logit_scale, softcap, uniform_weight) = ops  # fmt: skip
+     dzt_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, num_tiles, num_blocks, num_k,
+     stride_yb, stride_yt, logit_scale, softcap, uniform_weight) = ops  # fmt: skip
     stages: gl.constexpr = e_bufs.type.shape[0]
     rows: gl.constexpr = e_bufs.type.shape[1] // 2
     cols_n: gl.constexpr = c_bufs.type.shape[1]
@@ -72,29 +116,27 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
     row_layout: gl.constexpr = gl.SliceLayout(1, mma)
     col_layout: gl.constexpr = gl.SliceLayout(0, mma)
     dz_smem = dz_bufs.index(WG)
-
-    n = n0 + WG * rows + gl.arange(0, rows, layout=row_layout)
-    n_mask = n < N
-    n64 = n.to(gl.int64)
-    y = gl.load(
-        y_ptr + (n64 // seq_len) * stride_yb + (n64 % seq_len) * stride_yt, mask=n_mask, other=-1
-    )
-    y_local = y.to(gl.int64) - vocab_start
-    lse = gl.load(lse_ptr + n, mask=n_mask, other=0.0)
-    g = gl.load(g_nll_ptr + n, mask=n_mask, other=0.0)
-    g_p = g
-    if HAS_GLSE:
-        g_p = g + gl.load(g_lse_ptr + n, mask=n_mask, other=0.0)
-    lse_log2 = lse * 1.4426950408889634
-    g_uniform = g * uniform_weight  # every column's share of the target term
-    # the target column's dz, from the forward's target logit (`vpcce.kernels.target_dz`): this
-    # kernel's one-chain logit is ~1e-5 off, which p_y - 1 would amplify
-    dz_target = gl.load(dzt_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
     cols = gl.arange(0, cols_n, layout=col_layout)
-    dither_rows = n.to(gl.uint32) * DITHER_N  # the dither lattice's token term
 
     i = 0
-    for t in range(t_begin, t_end):
+    for w in range(gl.program_id(0), num_blocks * num_tiles, gl.num_programs(0)):
+        n0, t = _item(w, num_tiles, num_blocks, 2 * rows, GROUP)
+        n = n0 + WG * rows + gl.arange(0, rows, layout=row_layout)
+        n_mask = n < N
+        n64 = n.to(gl.int64)
+        y = gl.load(
+            y_ptr + (n64 // seq_len) * stride_yb + (n64 % seq_len) * stride_yt, mask=n_mask,
+            other=-1,
+        )  # fmt: skip
+        lse = gl.load(lse_ptr + n, mask=n_mask, other=0.0)
+        g = gl.load(g_nll_ptr + n, mask=n_mask, other=0.0)
+        g_p = g
+        if HAS_GLSE:
+            g_p = g + gl.load(g_lse_ptr + n, mask=n_mask, other=0.0)
+        # the target column's dz, from the forward's target logit (`vpcce.kernels.target_dz`):
+        # this kernel's one-chain logit is ~1e-5 off, which p_y - 1 would amplify
+        dz_target = gl.load(dzt_ptr + n, mask=n_mask, other=0.0).to(gl.float32)
+
         acc = gl.zeros([rows, cols_n], gl.float32, mma)
         for k in range(num_k):
             st = i % stages
@@ -123,11 +165,12 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
         )  # fmt: skip
         # one FFMA against a rounded lse log2 e: p is off by ~|lse| 6e-8 relative, far below the
         # bf16 rounding of dz
-        p = _exp2(z * 1.4426950408889634 - lse_log2[:, None])
-        y_col = y_local - (chunk_begin + j0)
+        p = _exp2(z * 1.4426950408889634 - (lse * 1.4426950408889634)[:, None])
+        y_col = y.to(gl.int64) - vocab_start - (chunk_begin + j0)
         y_col = gl.where((y_col >= 0) & (y_col < cols_n), y_col, -1).to(gl.int32)
-        # an FFMA for every column (fewer instructions per element than forming q: round 17)
-        dz = g_p[:, None] * p - g_uniform[:, None]
+        # an FFMA for every column (fewer instructions per element than forming q: round 17);
+        # g uniform_weight: every column's share of the target term
+        dz = g_p[:, None] * p - (g * uniform_weight)[:, None]
         if HAS_SOFTCAP:
             tz = z / softcap
             dz = dz * (1.0 - tz * tz)
@@ -135,6 +178,7 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
             dz = dz * logit_scale
         dz = gl.where(cols[None, :] == y_col[:, None], dz_target[:, None], dz)
         if STOCHASTIC:  # bf16 (`common.STOCHASTIC_DZ`): a dither, then truncation
+            dither_rows = n.to(gl.uint32) * DITHER_N  # the dither lattice's token term
             dither_cols = (vocab_start + chunk_begin + j0 + cols).to(gl.uint32) * DITHER_V
             lattice = dither_rows[:, None] + dither_cols[None, :]
             bits = dz.to(gl.uint32, bitcast=True) + (lattice >> 16)
@@ -151,7 +195,7 @@ def _dlogits_consumer(ops, WG: gl.constexpr, HAS_SCALE: gl.constexpr, HAS_SOFTCA
 @gluon.jit
 def _cce_dlogits_ws_kernel(
     e_desc, c_desc, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr, dzt_ptr,
-    N, D, seq_len, vocab_start, chunk_begin, chunk_len, num_splits, tiles_per_split,
+    N, D, seq_len, vocab_start, chunk_begin, chunk_len,
     stride_yb, stride_yt, logit_scale, softcap, uniform_weight,
     HAS_SCALE: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_GLSE: gl.constexpr,
     STOCHASTIC: gl.constexpr, DITHER_N: gl.constexpr, DITHER_V: gl.constexpr,
@@ -164,23 +208,22 @@ def _cce_dlogits_ws_kernel(
     e_bufs, c_bufs, ready, empty = _ring(e_desc, c_desc, STAGES, STAGES)
     dz_shape: gl.constexpr = [2] + dz_desc.block_type.shape  # one store buffer per warpgroup
     dz_bufs = gl.allocate_shared_memory(dz_desc.dtype, dz_shape, dz_desc.layout)
-    n0, pid_s, t_begin, t_end = _program_tiles(
-        N, block_n, gl.cdiv(chunk_len, block_v), num_splits, tiles_per_split, GROUP
-    )
+    num_tiles = gl.cdiv(chunk_len, block_v)
+    num_blocks = gl.cdiv(N, block_n)
     num_k = gl.cdiv(D, block_d)
     ops = (e_bufs, c_bufs, dz_bufs, ready, empty, dz_desc, y_ptr, lse_ptr, g_nll_ptr, g_lse_ptr,
-           dzt_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, n0, t_begin, t_end, num_k,
-           stride_yb, stride_yt, logit_scale, softcap, uniform_weight)  # fmt: skip
+           dzt_ptr, N, seq_len, vocab_start, chunk_begin, chunk_len, num_tiles, num_blocks,
+           num_k, stride_yb, stride_yt, logit_scale, softcap, uniform_weight)  # fmt: skip
     gl.warp_specialize(
         [
             (_dlogits_consumer,
-             (ops, _WG0, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE, STOCHASTIC, DITHER_N, DITHER_V)),
+             (ops, _WG0, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE, STOCHASTIC, DITHER_N, DITHER_V, GROUP)),
             (_dlogits_consumer,
-             (ops, _WG1, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE, STOCHASTIC, DITHER_N, DITHER_V)),
+             (ops, _WG1, HAS_SCALE, HAS_SOFTCAP, HAS_GLSE, STOCHASTIC, DITHER_N, DITHER_V, GROUP)),
             (
-                _producer,
-                (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,
-                 chunk_begin),
+                _dlogits_producer,
+                (e_desc, c_desc, e_bufs, c_bufs, ready, empty, num_tiles, num_blocks, num_k,
+                 chunk_begin, GROUP),
             ),
         ],
         [4, 1],
@@ -207,12 +250,7 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, v
     n, d = e2.shape
     e_desc, c_desc = operand_descriptors(e2, c, cfg)
     dz_layout = shared_layout((_ROWS, cfg.v), c.dtype)
-    props = torch.cuda.get_device_properties(c.device)
-    sms = props.multi_processor_count
-    # a chunk's programs re-read E per vocabulary tile: where E fits in L2, a few long programs
-    # (Gemma: 2 splits x 7 tiles, one wave, -1.8 ms fw+bw); else ~GROUP token blocks per wave
-    # (Llama: E is 134 MB; 1 split x 7 tiles took +6 ms, round 13)
-    e_in_l2 = e2.numel() * e2.element_size() <= props.L2_cache_size
+    sms = torch.cuda.get_device_properties(c.device).multi_processor_count
     scalars = (logit_scale, softcap or 1.0, uniform_weight)
     scalars = tuple(float(x) for x in scalars)
     flags = dict(
@@ -235,15 +273,11 @@ def launcher(e2, c, y2, lse, g_nll, g_lse, dz_target, cfg: Blocks, *, seq_len, v
     def dlogits(chunk_begin: int, dz: torch.Tensor) -> None:
         chunk_len = dz.shape[1]
         dz_desc = prepare(dz)
-        tiles = cdiv(chunk_len, cfg.v)
-        if cfg.tiles_per_program is None:
-            splits = num_splits(n, tiles, cfg, sms, e_in_l2)
-        else:
-            splits = min(num_splits(n, tiles, cfg, sms), cdiv(tiles, cfg.tiles_per_program))
-        _cce_dlogits_ws_kernel[(cdiv(n, cfg.n) * splits,)](
+        items = cdiv(n, cfg.n) * cdiv(chunk_len, cfg.v)
+        _cce_dlogits_ws_kernel[(min(sms, items),)](  # persistent: one program per SM
             e_desc, c_desc, dz_desc, y2, lse, g_nll,
             g_lse if g_lse is not None else lse, dz_target,
-            n, d, seq_len, vocab_start, chunk_begin, chunk_len, splits, cdiv(tiles, splits),
+            n, d, seq_len, vocab_start, chunk_begin, chunk_len,
             y2.stride(0), y2.stride(1), *scalars, **flags,
         )  # fmt: skip
 

@@ -58,9 +58,6 @@ class Blocks:
     flatten: bool = False  # pipeline the forward's vocab-tile and K loops as one loop
     group_n: int = 8  # token blocks that walk a backward chunk's tiles together (L2 reuse)
     warp_specialize: bool = False  # producer/consumer warps for the forward's vocab-tile loop
-    # Hopper dlogits: at least this many consecutive vocabulary tiles per program (one tile's
-    # epilogue overlaps the next one's wgmmas); None: as `forward_hopper.num_splits` picks
-    tiles_per_program: int | None = None
 
 
 # H100, bf16, 2026-11-25 (docs/perf.md rounds 8-9). Forward (the loss and LSE): 64 x 256 tiles,
@@ -99,7 +96,9 @@ HOPPER_FORWARD_BLOCKS: Blocks | None = Blocks(
 )
 # H100, bf16 (round 13): the warp-specialized Gluon dlogits kernel (`vpcce.kernels.backward_hopper`)
 # for the exact backward without a bias, where TMA can read the operands and write dz: the
-# backward's 128 x 256 tiles, chained accumulation, 3 ring stages + two 32 KB dz store buffers.
+# backward's 128 x 256 tiles, chained accumulation, 3 ring stages + two 32 KB dz store buffers
+# (round 28: 4 stages with the dz tile stored in halves through 16 KB buffers ran no faster
+# on the persistent grid).
 HOPPER_BACKWARD_BLOCKS: Blocks | None = Blocks(
     n=128,
     v=256,

@@ -63,17 +63,9 @@ FORWARD_VARIANTS = {
 # Triton kernel)
 HOPPER_BWD = common.HOPPER_BACKWARD_BLOCKS
 BACKWARD_VARIANTS = {
-    "hopper ws dlogits 128x256 s3 (default: few splits where E fits in L2)": (
-        BWD, {}, FWD, HOPPER_BWD,
-    ),
+    "hopper ws dlogits 128x256 s3, persistent grid (default)": (BWD, {}, FWD, HOPPER_BWD),
     "hopper ws dlogits, the scratch's rows always last (round 17)": (
         BWD, {"NARROW_PRODUCT": 0}, FWD, HOPPER_BWD,
-    ),
-    "hopper ws dlogits, >= SMs / 16 splits (round 13 first)": (
-        BWD, {}, FWD, replace(HOPPER_BWD, tiles_per_program=1),
-    ),
-    "hopper ws dlogits, >= 7 tiles per program": (
-        BWD, {}, FWD, replace(HOPPER_BWD, tiles_per_program=7),
     ),
     "triton dlogits 128x256 s3 chained, group 8 (round 11 default)": (BWD, {}, FWD, None),
 }  # fmt: skip
