@@ -50,6 +50,7 @@ from vpcce.kernels.forward_hopper import (
     PRODUCER_REGS,
     _exp2,
     _finish_logits,
+    _grouped,
     _ring,
     operand_descriptors,
     shared_layout,
@@ -59,16 +60,11 @@ from vpcce.kernels.forward_hopper import supported as forward_supported  # the s
 
 @gluon.jit
 def _item(w, num_tiles, num_blocks, block_n: gl.constexpr, GROUP: gl.constexpr):
-    """Work item ``w`` of a chunk, in grouped order: its first token row and vocabulary tile.
-
-    The items in flight (one per program, consecutive) cover GROUP token blocks and a few tiles,
-    whose rows of E and C stay in L2 (Llama's E is 134 MB, beyond it).
-    """
-    per_group = GROUP * num_tiles
-    first_block = (w // per_group) * GROUP
-    blocks = gl.minimum(num_blocks - first_block, GROUP)
-    r = w % per_group
-    return (first_block + r % blocks) * block_n, r // blocks
+    """Work item ``w`` of a chunk: its first token row and vocabulary tile. In grouped order
+    (`forward_hopper._grouped`), the items in flight (one per program, consecutive) cover GROUP
+    token blocks and a few tiles, whose rows of E and C stay in L2."""
+    block, t = _grouped(w, num_tiles, num_blocks, GROUP)
+    return block * block_n, t
 
 
 @gluon.jit

@@ -69,8 +69,8 @@ def _tanh(x):
 
 
 @gluon.jit
-def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k, v0):
-    """Stream ``E[n0:, k]`` and ``C[v0 + t * block_v:, k]`` slices into the ring, tile by tile.
+def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k):
+    """Stream ``E[n0:, k]`` and ``C[t * block_v:, k]`` slices into the ring, tile by tile.
 
     The ring has ``stages`` K-step slots and one ``ready`` / ``empty`` mbarrier pair per group of
     ``stages / len(ready)`` consecutive slots (a consumer's accumulation chain): fewer barriers,
@@ -95,7 +95,7 @@ def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, 
                 e_desc, [n0, k * block_d], ready.index(g), e_bufs.index(s)
             )
             tma.async_copy_global_to_shared(
-                c_desc, [v0 + t * block_v, k * block_d], ready.index(g), c_bufs.index(s)
+                c_desc, [t * block_v, k * block_d], ready.index(g), c_bufs.index(s)
             )
             i += 1
 
@@ -298,19 +298,24 @@ def _ring(e_desc, c_desc, STAGES: gl.constexpr, GROUPS: gl.constexpr):
 
 
 @gluon.jit
+def _grouped(w, per_block, num_blocks, GROUP: gl.constexpr):
+    """Index ``w`` of ``num_blocks`` token blocks x ``per_block`` (splits or tiles), in grouped
+    order: its token block and its index within the block. Consecutive ``w`` walk GROUP token
+    blocks first, so the ones running at one time share those blocks' rows of E in L2 while they
+    stream classifier tiles (Llama's E is 134 MB, beyond L2)."""
+    group_size = GROUP * per_block
+    first_block = (w // group_size) * GROUP
+    blocks_in_group = gl.minimum(num_blocks - first_block, GROUP)
+    r = w % group_size
+    return first_block + r % blocks_in_group, r // blocks_in_group
+
+
+@gluon.jit
 def _program_tiles(N, block_n: gl.constexpr, num_tiles, num_splits, tiles_per_split,
                    GROUP: gl.constexpr):  # fmt: skip
-    """This program's first token row, split, and vocabulary tiles ``[t_begin, t_end)``.
-
-    Grouped order: the programs running at one time share GROUP token blocks, whose rows of E
-    stay in L2 while every split streams its classifier tiles (Llama's E is 134 MB, beyond L2).
-    """
-    pid = gl.program_id(0)
-    group_size = GROUP * num_splits
-    first_block = (pid // group_size) * GROUP
-    blocks_in_group = gl.minimum(gl.cdiv(N, block_n) - first_block, GROUP)
-    pid_n = first_block + (pid % group_size) % blocks_in_group
-    pid_s = (pid % group_size) // blocks_in_group
+    """This program's first token row, split, and vocabulary tiles ``[t_begin, t_end)``, the
+    programs in grouped order (`_grouped`)."""
+    pid_n, pid_s = _grouped(gl.program_id(0), num_splits, gl.cdiv(N, block_n), GROUP)
     t_begin = pid_s * tiles_per_split
     return pid_n * block_n, pid_s, t_begin, gl.minimum(t_begin + tiles_per_split, num_tiles)
 
@@ -357,7 +362,6 @@ def _cce_fwd_ws_kernel(
     )
     # K steps, rounded up to whole SPLIT chains: TMA zero-fills the steps past D
     num_k = gl.cdiv(gl.cdiv(D, block_d), SPLIT) * SPLIT
-    first_row = gl.to_tensor(0)  # the whole shard (the backward's producer starts at a chunk)
     ops = (e_bufs, c_bufs, ready, empty, bias_ptr, part_ptr, part_int_ptr, tile_max_ptr, N, V,
            vocab_start, n0, pid_s, t_begin, t_end, num_k, stride_ps, stride_tmt, stride_bias,
            logit_scale, softcap)  # fmt: skip
@@ -369,8 +373,7 @@ def _cce_fwd_ws_kernel(
                          STATS, SUM_Z, SPLIT)),
             (
                 _producer,
-                (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k,
-                 first_row),
+                (e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k),
             ),
         ],
         [4, 1],
