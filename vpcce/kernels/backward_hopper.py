@@ -51,6 +51,7 @@ from vpcce.kernels.forward_hopper import (
     _exp2,
     _finish_logits,
     _grouped,
+    _load_step,
     _ring,
     operand_descriptors,
     shared_layout,
@@ -71,26 +72,16 @@ def _item(w, num_tiles, num_blocks, block_n: gl.constexpr, GROUP: gl.constexpr):
 def _dlogits_producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, num_tiles, num_blocks, num_k,
                       v0, GROUP: gl.constexpr):  # fmt: skip
     """Stream each item's ``E[n0:, k]`` and ``C[v0 + t * block_v:, k]`` slices into the ring
-    (one ready / empty mbarrier pair per slot)."""
-    stages: gl.constexpr = e_bufs.type.shape[0]
+    (`forward_hopper._load_step`; here one ready / empty mbarrier pair per slot)."""
     block_n: gl.constexpr = e_desc.block_type.shape[0]
     block_d: gl.constexpr = e_desc.block_type.shape[1]
     block_v: gl.constexpr = c_desc.block_type.shape[0]
-    nbytes: gl.constexpr = e_desc.block_type.nbytes + c_desc.block_type.nbytes
     i = 0
     for w in range(gl.program_id(0), num_blocks * num_tiles, gl.num_programs(0)):
         n0, t = _item(w, num_tiles, num_blocks, block_n, GROUP)
         for k in range(num_k):
-            s = i % stages
-            # a fresh mbarrier counts as past phase 1: the first round finds every slot free
-            mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), nbytes)
-            tma.async_copy_global_to_shared(
-                e_desc, [n0, k * block_d], ready.index(s), e_bufs.index(s)
-            )
-            tma.async_copy_global_to_shared(
-                c_desc, [v0 + t * block_v, k * block_d], ready.index(s), c_bufs.index(s)
-            )
+            _load_step(e_desc, c_desc, e_bufs, c_bufs, ready, empty, i, n0, v0 + t * block_v,
+                       k * block_d)  # fmt: skip
             i += 1
 
 

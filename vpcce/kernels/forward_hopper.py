@@ -69,34 +69,38 @@ def _tanh(x):
 
 
 @gluon.jit
-def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k):
-    """Stream ``E[n0:, k]`` and ``C[t * block_v:, k]`` slices into the ring, tile by tile.
+def _load_step(e_desc, c_desc, e_bufs, c_bufs, ready, empty, i, n0, c_row, k0):
+    """Ring step ``i``: the ``E[n0:, k0]`` and ``C[c_row:, k0]`` slices into slot ``i % stages``.
 
     The ring has ``stages`` K-step slots and one ``ready`` / ``empty`` mbarrier pair per group of
     ``stages / len(ready)`` consecutive slots (a consumer's accumulation chain): fewer barriers,
-    and each costs the consumer warpgroups a named barrier (round 14).
+    and each costs the consumer warpgroups a named barrier (round 14). A group's first step waits
+    for it to be free and sets the bytes its ready barrier expects.
     """
     stages: gl.constexpr = e_bufs.type.shape[0]
     groups: gl.constexpr = ready.type.shape[0]
     per_group: gl.constexpr = stages // groups
+    nbytes: gl.constexpr = per_group * (e_desc.block_type.nbytes + c_desc.block_type.nbytes)
+    g = (i // per_group) % groups
+    first = i % per_group == 0
+    # a fresh mbarrier counts as past phase 1: the first round finds every group free
+    mbarrier.wait(empty.index(g), (((i // per_group) // groups) & 1) ^ 1, pred=first)
+    mbarrier.expect(ready.index(g), nbytes, pred=first)
+    tma.async_copy_global_to_shared(e_desc, [n0, k0], ready.index(g), e_bufs.index(i % stages))
+    tma.async_copy_global_to_shared(c_desc, [c_row, k0], ready.index(g), c_bufs.index(i % stages))
+
+
+@gluon.jit
+def _producer(e_desc, c_desc, e_bufs, c_bufs, ready, empty, n0, t_begin, t_end, num_k):
+    """Stream ``E[n0:, k]`` and ``C[t * block_v:, k]`` slices into the ring (`_load_step`), tile
+    by tile."""
     block_d: gl.constexpr = e_desc.block_type.shape[1]
     block_v: gl.constexpr = c_desc.block_type.shape[0]
-    nbytes: gl.constexpr = per_group * (e_desc.block_type.nbytes + c_desc.block_type.nbytes)
     i = 0
     for t in range(t_begin, t_end):
         for k in range(num_k):
-            s = i % stages
-            g = (i // per_group) % groups
-            first = i % per_group == 0
-            # a fresh mbarrier counts as past phase 1: the first round finds every group free
-            mbarrier.wait(empty.index(g), (((i // per_group) // groups) & 1) ^ 1, pred=first)
-            mbarrier.expect(ready.index(g), nbytes, pred=first)
-            tma.async_copy_global_to_shared(
-                e_desc, [n0, k * block_d], ready.index(g), e_bufs.index(s)
-            )
-            tma.async_copy_global_to_shared(
-                c_desc, [t * block_v, k * block_d], ready.index(g), c_bufs.index(s)
-            )
+            _load_step(e_desc, c_desc, e_bufs, c_bufs, ready, empty, i, n0, t * block_v,
+                       k * block_d)  # fmt: skip
             i += 1
 
 
