@@ -4,9 +4,10 @@ sustained, median of REPS). Usage: N D W [W ...].
 
 To rerun: `git show HEAD:vpcce/kernels/matmul_hopper.py > .scratch/mh_old.py`, then
 `git apply docs/patches/round29_matmul_reduce.patch` (the tried kernel becomes the tree's)."""
-import importlib.util, statistics, sys
+import importlib.util, sys
 import torch
 from vpcce.kernels import matmul_hopper as new
+from vpcce.launch.kernel_ab import in_turn, medians
 
 spec = importlib.util.spec_from_file_location("mh_old", ".scratch/mh_old.py")
 old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
@@ -16,17 +17,7 @@ g = torch.Generator(device="cuda").manual_seed(0)
 
 
 def timed(fns):
-    ms = {k: [] for k in fns}
-    for f in fns.values():
-        for _ in range(3): f()
-    for _ in range(REPS):
-        for name, f in fns.items():
-            s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(8): f()
-            t.record(); t.synchronize()
-            ms[name].append(s.elapsed_time(t) / 8)
-    return {k: statistics.median(x) for k, x in ms.items()}
+    return medians(in_turn(fns, reps=REPS))
 
 
 def one_tile(f):
@@ -43,7 +34,6 @@ def rel(x, want):
     return ((x.double() - want).norm() / want.norm()).item()
 
 
-rows = []
 e = (torch.randn(n, d, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
 for w in widths:
     dz = (torch.randn(n, w, device="cuda", generator=g) * 1e-3).to(torch.bfloat16)
