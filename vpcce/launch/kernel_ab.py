@@ -1,11 +1,11 @@
 """Kernel-level A/B timing: ops timed in turn, each as a run of back-to-back launches.
 
 The kernels' rounds in docs/perf.md compare variants of one kernel on one chunk (the dlogits
-kernel's inputs: `dlogits_inputs`). A forward +
-backward moves by +-3% between runs of the same code on an H200 (the GPU's clocks follow its
-power state); one kernel, launched ``launches`` times per timing and timed in turn with the
-others within every repetition, moves by well under 1% (round 28). The scripts in docs/patches
-call `in_turn` with their variants and the cuBLAS GEMM of the same shape as the yardstick.
+kernel's inputs: `dlogits_inputs`), with the cuBLAS GEMM of the same shape as the yardstick. A
+forward + backward moves by +-3% between runs of the same code on an H200 (the GPU's clocks
+follow its power state). One kernel, launched ``launches`` times per timing and timed in turn
+with the others within every repetition, moved by 0.5-2% between two machines' runs of the same
+kernel (round 29). The scripts in docs/patches call `in_turn`.
 """
 
 from __future__ import annotations
@@ -40,22 +40,23 @@ def in_turn(
     times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(reps):
         for name, op in ops.items():
-            if cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(launches):
-                    op()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(launches):
-                    op()
-                ms = (time.perf_counter() - t0) * 1e3
-            times[name].append(ms / launches)
+            times[name].append(_ms_per_launch(op, launches, cuda))
     return times
+
+
+def _ms_per_launch(op: Callable[[], object], launches: int, cuda: bool) -> float:
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(launches):
+            op()
+        return (time.perf_counter() - t0) * 1e3 / launches
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches):
+        op()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / launches
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
