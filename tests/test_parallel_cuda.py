@@ -7,8 +7,8 @@ of a collective, this test (and only this test) stages it through host memory.
 import pytest
 import torch
 import torch.distributed as dist
-
 from multiproc import run_ranks
+
 from vpcce import VocabParallelOptions, linear_cross_entropy
 from vpcce.parallel import collectives
 
@@ -24,7 +24,8 @@ def _data(dtype):
     y = torch.randint(0, V, (N_SEQ, T), generator=gen)
     y[0, :11] = -100
     bias = 0.1 * torch.randn(V, generator=gen)
-    return [t.to(dtype).cuda() if t.is_floating_point() else t.cuda() for t in (e, c, bias)] + [y.cuda()]
+    floats = [t.to(dtype).cuda() if t.is_floating_point() else t.cuda() for t in (e, c, bias)]
+    return floats + [y.cuda()]
 
 
 def _stage_through_host():
@@ -61,7 +62,10 @@ def _gloo_has_cuda_all_gather() -> bool:
 
 def _grads(e, c, bias, y, opts, **kw):
     leaves = [t.detach().requires_grad_() for t in (e, c, bias)]
-    loss = linear_cross_entropy(*leaves[:2], y, leaves[2], impl="triton", vocab_parallel_options=opts, shift=1, label_smoothing=0.05, **kw)
+    loss = linear_cross_entropy(
+        *leaves[:2], y, leaves[2], impl="triton", vocab_parallel_options=opts, shift=1,
+        label_smoothing=0.05, **kw,
+    )  # fmt: skip
     return [loss.detach().cpu()] + [g.cpu() for g in torch.autograd.grad(loss, leaves)]
 
 

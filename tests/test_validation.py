@@ -147,7 +147,8 @@ CASES = [
         r"^shift must be in \[0, 0\]",
     ),
     ("shift-float", with_(shift=1.0), TypeError, r"^shift must be an int.*1\.0"),
-    ("ignore_index-bool", with_(ignore_index=True), TypeError, r"^ignore_index must be an int.*True"),
+    ("ignore_index-bool", with_(ignore_index=True), TypeError,
+     r"^ignore_index must be an int.*True"),  # fmt: skip
     ("ignore_index-float", with_(ignore_index=-100.0), TypeError, r"^ignore_index must be an int"),
     # options
     ("reduction", with_(reduction="avg"), ValueError, r"^reduction must be one of.*'avg'"),

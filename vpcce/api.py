@@ -74,7 +74,8 @@ def linear_cross_entropy(
         bias: optional ``[V]`` bias (this rank's shard when vocab-parallel).
         ignore_index: targets equal to it contribute 0 and are excluded from the mean.
         softcap: ``s`` in ``s * tanh(x / s)`` applied to the logits (Gemma 2), or None.
-        reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"`` (``(..., T - shift)``).
+        reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"``
+            (``(..., T - shift)``).
         shift: pair ``e[..., :-shift, :]`` with ``targets[..., shift:]`` (views, no copy).
         return_lse: also return the per-token fp32 log-sum-exp (differentiable, e.g. for z-loss).
         filter_eps: ``"auto"`` (keeps the materialized baseline's accuracy: the Triton backward
@@ -126,7 +127,8 @@ def linear_cross_entropy(
             options[name] = float(value)
     vp = vocab_parallel_options
     if vp is not None and not isinstance(vp, VocabParallelOptions):
-        raise TypeError(f"vocab_parallel_options must be VocabParallelOptions, got {type(vp).__name__}")
+        got = type(vp).__name__
+        raise TypeError(f"vocab_parallel_options must be VocabParallelOptions, got {got}")
     # 2. the loss: the autograd Function, or under torch.compile one opaque custom op (vpcce.ops)
     # whose implementation runs the same configuration and Function bodies when the graph runs.
     # autocast stays outside, as for F.cross_entropy: the inputs keep their dtypes, and the
@@ -184,8 +186,11 @@ def loss_config(
         bool(accum_e_fp32), bool(accum_c_fp32), **tail_options(filter_eps),
     )
     backend, mode = resolve_impl(impl, e.device, mode, e.dtype)
-    if backend == "triton" and e.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"impl={impl!r} runs the Triton kernels: it needs CUDA tensors or TRITON_INTERPRET=1, got {e.device}")
+    if backend == "triton" and e.device.type != "cuda" and os.getenv("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"impl={impl!r} runs the Triton kernels: it needs CUDA tensors or TRITON_INTERPRET=1, "
+            f"got {e.device}"
+        )
     softcap = None if softcap is None else float(softcap)
 
     # 2. vocabulary layout (one small collective the first time a vocab-parallel layout is seen)
@@ -193,9 +198,10 @@ def loss_config(
     if vp is not None:
         num_tokens = targets[..., shift:].numel() if targets.dim() else 1
         fingerprint = zlib.crc32(
-            repr((reduction, shift, ignore_index, float(label_smoothing), softcap, float(logit_scale),
-                  vp.sequence_parallel, vp.reduce_e_grad, str(vp.reduction_dtype(e.dtype)),
-                  bias is not None, bool(stats), str(e.dtype))).encode()
+            repr((reduction, shift, ignore_index, float(label_smoothing), softcap,
+                  float(logit_scale), vp.sequence_parallel, vp.reduce_e_grad,
+                  str(vp.reduction_dtype(e.dtype)), bias is not None, bool(stats),
+                  str(e.dtype))).encode()
         )
         vocab_size = collectives.verify_layout(vp, num_tokens, fingerprint, c.shape[0], e.device)
         vocab_start = vp.start
@@ -205,7 +211,8 @@ def loss_config(
     # small ops, ~0.3 ms of host time (H200, docs/perf.md round 25).
     check_later = validate and backend == "triton" and e.device.type == "cuda"
     if validate and not check_later:
-        check_target_range(targets[..., shift:] if targets.dim() else targets, vocab_size, ignore_index)
+        checked = targets[..., shift:] if targets.dim() else targets
+        check_target_range(checked, vocab_size, ignore_index)
 
     return LossConfig(
         impl=backend, mode=mode, shift=shift, ignore_index=int(ignore_index), reduction=reduction,
@@ -215,7 +222,8 @@ def loss_config(
     )
 
 
-_MODULE_OPTIONS = set(inspect.signature(linear_cross_entropy).parameters) - {"e", "c", "targets", "bias"}
+_MODULE_OPTIONS = set(inspect.signature(linear_cross_entropy).parameters)
+_MODULE_OPTIONS -= {"e", "c", "targets", "bias"}  # the operands
 
 
 class LinearCrossEntropy(nn.Module):
@@ -225,10 +233,14 @@ class LinearCrossEntropy(nn.Module):
         super().__init__()
         unknown = set(options) - _MODULE_OPTIONS
         if unknown:
-            raise TypeError(f"LinearCrossEntropy got unknown options {sorted(unknown)}; valid: {sorted(_MODULE_OPTIONS)}")
+            raise TypeError(
+                f"LinearCrossEntropy got unknown options {sorted(unknown)}; "
+                f"valid: {sorted(_MODULE_OPTIONS)}"
+            )
         self.options = options
 
-    def forward(self, e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None):
+    def forward(self, e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
+                bias: torch.Tensor | None = None):  # fmt: skip
         return linear_cross_entropy(e, c, targets, bias, **self.options)
 
     def extra_repr(self) -> str:

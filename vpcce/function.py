@@ -160,7 +160,8 @@ def _once_differentiable(backward):
             out = backward(ctx, *grads)
         if not torch.is_grad_enabled():
             return out
-        inputs = [t for t in ctx.saved_tensors[:3] if t is not None and t.requires_grad]  # e, c, bias
+        e_c_bias = ctx.saved_tensors[:3]
+        inputs = [t for t in e_c_bias if t is not None and t.requires_grad]
         return tuple(g if g is None else _GradientOfGradient.apply(g, *inputs) for g in out)
 
     return wrapper
