@@ -21,20 +21,14 @@ HOPPER = common.HOPPER_FORWARD_BLOCKS
 
 @pytest.mark.parametrize(
     ("tokens", "tiles", "want"),
-    [(8192, 1000, 10), (16384, 501, 9), (1024, 1000, 16), (100, 3, 3)],
-    ids=["gemma", "llama", "short", "few-tiles"],
+    [(8192, 1000, 10), (16384, 501, 9), (1024, 1000, 16), (100, 3, 3), (8192, 14, 14)],
+    ids=["gemma", "llama", "short", "few-tiles", "14-tiles"],
 )
 def test_num_splits_fills_whole_waves(tokens, tiles, want):
     splits = forward_hopper.num_splits(tokens, tiles, HOPPER, sms=132)
     assert splits == want
     # at most ~GROUP token blocks per wave of 132 programs (their E rows stay in L2)
     assert splits >= min(tiles, 132 // forward_hopper.GROUP)
-
-
-def test_num_splits_where_e_fits_in_l2():
-    # the Gemma backward's chunk: 64 token blocks x 14 tiles, one wave of 2 splits x 7 tiles
-    assert forward_hopper.num_splits(8192, 14, HOPPER, sms=132, e_in_l2=True) == 2
-    assert forward_hopper.num_splits(8192, 14, HOPPER, sms=132) == 14
 
 
 @pytest.mark.parametrize(

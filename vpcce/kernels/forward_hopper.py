@@ -428,19 +428,15 @@ def operand_descriptors(e2: torch.Tensor, c: torch.Tensor, cfg: Blocks):
 
 
 @functools.cache
-def num_splits(
-    num_tokens: int, num_vocab_tiles: int, cfg: Blocks, sms: int, e_in_l2: bool = False
-) -> int:
+def num_splits(num_tokens: int, num_vocab_tiles: int, cfg: Blocks, sms: int) -> int:
     """Vocabulary splits for one program per SM (the ring takes 192 KB of shared memory).
 
     Every program does the same work, so the time goes as waves x (tiles per split + ~1 tile of
-    start-up and epilogue). Unless the hidden states fit in L2 (``e_in_l2``), at least
-    ``SMs / GROUP`` splits, so that a wave holds at most about GROUP token blocks; at most 32, so
-    the ``[splits, N, 6]`` partials stay small (Gemma: 10 splits, 4.85 waves; Llama: 9 splits,
-    8.7 waves).
-    """
+    start-up and epilogue). At least ``SMs / GROUP`` splits, so that a wave holds at most about
+    GROUP token blocks; at most 32, so the ``[splits, N, 6]`` partials stay small (Gemma: 10
+    splits, 4.85 waves; Llama: 9 splits, 8.7 waves)."""
     blocks = cdiv(num_tokens, cfg.n)
-    lowest = 1 if e_in_l2 else min(cdiv(sms, GROUP), num_vocab_tiles)
+    lowest = min(cdiv(sms, GROUP), num_vocab_tiles)
     candidates = range(lowest, max(lowest, min(num_vocab_tiles, 32)) + 1)
     return min(
         candidates,
